@@ -1,0 +1,231 @@
+"""PEFT LoRA adapters: validate, load from safetensors, lay out as pool page images on the host.
+
+An adapter's host copy is already in the pool's page layout (docs/DESIGN.md): a tensor
+`pages: (L, n_pages, P)` whose page i goes to the i-th page id the pool hands out. Loading it
+onto the pool is then one scatter, and host bytes equal the weight bytes (plus the tail of
+the last page of a row whose width P does not divide).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .checkpoint import MODULES, ModelSpec
+
+log = logging.getLogger(__name__)
+
+ADAPTER_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_KEY_RE = re.compile(
+    r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(?:self_attn|mlp)\."
+    r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)\.lora_([AB])(?:\.default)?\.weight$"
+)
+
+
+class AdapterError(ValueError):
+    """An adapter that cannot be served; the message names the reason."""
+
+
+@dataclass
+class HostAdapter:
+    name: str
+    rank: int  # largest rank over its modules
+    ranks: list[int]  # (7,) rank per module in MODULES order; 0 = module not targeted
+    scales: list[float]  # (7,) lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA
+    a_offsets: list[int]  # (7,) first page (within this adapter's pages) of module m's A rows
+    b_offsets: list[int]  # (7,) first page of module m's B^T rows
+    pages: torch.Tensor  # (L, n_pages, P) page images in the model dtype (pinned on CUDA hosts)
+    target_modules: list[str]
+
+    @property
+    def n_pages(self) -> int:
+        return self.pages.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return self.pages.numel() * self.pages.element_size()
+
+
+def validate_name(name: str) -> str:
+    """Adapter names are plain directory names: no separators, no '..', bounded length."""
+    if not isinstance(name, str) or not ADAPTER_NAME_RE.fullmatch(name) or ".." in name:
+        shown = repr(name)[:80]
+        raise AdapterError(
+            f"invalid adapter name {shown}: use 1-128 characters of letters, digits, '.', '_', '-', "
+            "starting with a letter or digit, without '..'"
+        )
+    return name
+
+
+def resolve_adapter_dir(root: str | Path | None, name: str) -> Path:
+    """The directory of adapter `name` under `root`; never a path outside it."""
+    validate_name(name)
+    if root is None:
+        raise AdapterError(f"unknown adapter {name!r}: no adapter directory is configured")
+    root_real = Path(os.path.realpath(root))
+    path = Path(os.path.realpath(root_real / name))
+    if path.parent != root_real:
+        raise AdapterError(f"adapter {name!r} resolves outside the adapter directory")
+    if not path.is_dir():
+        raise AdapterError(f"unknown adapter {name!r}")
+    return path
+
+
+def _targets(config: dict) -> list[str]:
+    targets = config.get("target_modules")
+    if isinstance(targets, str):
+        # PEFT treats a string as a regex over full module names.
+        found = [m for m in MODULES if re.fullmatch(targets, f"model.layers.0.self_attn.{m}")
+                 or re.fullmatch(targets, f"model.layers.0.mlp.{m}") or targets == m]
+        targets = found
+    if not targets:
+        raise AdapterError("adapter_config.json names no target_modules")
+    unknown = [t for t in targets if t not in MODULES]
+    if unknown:
+        raise AdapterError(f"LoRA on {unknown} is not supported (supported: {', '.join(MODULES)})")
+    return list(targets)
+
+
+def check_config(config: dict, max_rank: int) -> None:
+    if config.get("peft_type", "LORA") != "LORA":
+        raise AdapterError(f"peft_type {config.get('peft_type')!r} is not supported (only LORA)")
+    if config.get("use_dora"):
+        raise AdapterError("DoRA adapters (use_dora=true) are not supported")
+    if config.get("modules_to_save"):
+        raise AdapterError(f"adapters with modules_to_save {config['modules_to_save']} are not supported")
+    if config.get("bias", "none") != "none":
+        raise AdapterError(f"adapters with bias={config['bias']!r} are not supported (only 'none')")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if config.get(key):
+            raise AdapterError(f"adapters with {key} are not supported")
+    if config.get("layers_to_transform") is not None:
+        raise AdapterError("adapters with layers_to_transform are not supported")
+    for key in ("trainable_token_indices", "target_parameters"):
+        if config.get(key):
+            raise AdapterError(f"adapters with {key} are not supported")
+    r = config.get("r")
+    if not isinstance(r, int) or r < 1:
+        raise AdapterError(f"invalid rank r={r!r}")
+    if r > max_rank:
+        raise AdapterError(f"rank {r} exceeds the configured maximum {max_rank}")
+
+
+def load_adapter(path: str | Path, name: str, spec: ModelSpec, dtype: torch.dtype,
+                 max_rank: int, pin: bool = False) -> HostAdapter:
+    path = Path(path)
+    cfg_path = path / "adapter_config.json"
+    if not cfg_path.is_file():
+        raise AdapterError(f"adapter {name!r} has no adapter_config.json")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterError(f"adapter {name!r}: adapter_config.json is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"adapter {name!r}: adapter_config.json is not a JSON object")
+    check_config(config, max_rank)
+    targets = _targets(config)
+    weights_path = path / "adapter_model.safetensors"
+    if not weights_path.is_file():
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
+        hint = f"; {pickles} are pickles and are never loaded" if pickles else ""
+        raise AdapterError(f"adapter {name!r} has no adapter_model.safetensors{hint}")
+    tensors = _read_lora_tensors(weights_path, name, spec)
+    return build_host_adapter(name, config, targets, tensors, spec, dtype, max_rank, pin)
+
+
+def _read_lora_tensors(path: Path, name: str, spec: ModelSpec) -> dict[tuple[int, str, str], torch.Tensor]:
+    out = {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                m = _KEY_RE.match(key)
+                if not m:
+                    if "lora_magnitude_vector" in key:
+                        raise AdapterError(f"adapter {name!r} is a DoRA adapter ({key})")
+                    raise AdapterError(f"adapter {name!r}: unsupported tensor {key} "
+                                       "(only LoRA A/B on q,k,v,o,gate,up,down)")
+                layer = int(m.group(1))
+                if layer >= spec.layers:
+                    raise AdapterError(f"adapter {name!r} has layer {layer}; the base model has {spec.layers}")
+                out[(layer, m.group(2), m.group(3))] = f.get_tensor(key)
+    except AdapterError:
+        raise
+    except Exception as e:  # safetensors raises several types for corrupt or truncated files
+        raise AdapterError(f"adapter {name!r}: cannot read adapter_model.safetensors ({e})") from None
+    if not out:
+        raise AdapterError(f"adapter {name!r} holds no LoRA tensors")
+    return out
+
+
+def build_host_adapter(name: str, config: dict, targets: list[str],
+                       tensors: dict[tuple[int, str, str], torch.Tensor], spec: ModelSpec,
+                       dtype: torch.dtype, max_rank: int, pin: bool) -> HostAdapter:
+    present = sorted({mod for (_, mod, _) in tensors}, key=MODULES.index)
+    extra = [m for m in present if m not in targets]
+    if extra:
+        raise AdapterError(f"adapter {name!r} has weights for {extra} not in its target_modules")
+    alpha = float(config.get("lora_alpha", config["r"]))
+    P, L = spec.page_width, spec.layers
+    ranks, scales, a_off, b_off = [0] * 7, [0.0] * 7, [0] * 7, [0] * 7
+    n_pages = 0
+    plan = []  # module indices present, in MODULES order
+    for mod in present:
+        mi = MODULES.index(mod)
+        d_in, d_out = spec.module_shape(mod)
+        ranks_seen = {t.shape[0] if k[2] == "A" else t.shape[-1]
+                      for k, t in tensors.items() if k[1] == mod and t.dim() == 2}
+        if len(ranks_seen) != 1:
+            raise AdapterError(f"adapter {name!r}: {mod} has inconsistent ranks {sorted(ranks_seen)}")
+        r = ranks_seen.pop()
+        if r < 1 or r > max_rank:
+            raise AdapterError(f"adapter {name!r}: rank {r} of {mod} is outside [1, {max_rank}]")
+        for (layer, m, ab), t in tensors.items():
+            if m != mod:
+                continue
+            want = (r, d_in) if ab == "A" else (d_out, r)
+            if tuple(t.shape) != want:
+                raise AdapterError(
+                    f"adapter {name!r} does not fit the base model: layer {layer} {mod} lora_{ab} has "
+                    f"shape {tuple(t.shape)}, expected {want}")
+        ranks[mi] = r
+        scales[mi] = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+        a_off[mi] = n_pages
+        n_pages += r * spec.pages_per_row(d_in)
+        b_off[mi] = n_pages
+        n_pages += r * spec.pages_per_row(d_out)
+        plan.append(mi)
+
+    pages = torch.zeros(L, n_pages, P, dtype=dtype)
+    for mi in plan:
+        mod = MODULES[mi]
+        for layer in range(L):
+            a = tensors.get((layer, mod, "A"))
+            b = tensors.get((layer, mod, "B"))
+            if a is None or b is None:
+                continue  # a layer without this module contributes nothing: its pages stay zero
+            _write_rows(pages[layer], a_off[mi], a.to(dtype), P)
+            _write_rows(pages[layer], b_off[mi], b.t().to(dtype), P)
+    if pin:
+        pages = pages.pin_memory()
+    log.info("adapter %s: modules %s, ranks %s, %d pages (%.1f MiB)", name, present,
+             [ranks[MODULES.index(m)] for m in present], n_pages,
+             pages.numel() * pages.element_size() / 2**20)
+    return HostAdapter(name=name, rank=max(ranks), ranks=ranks, scales=scales, a_offsets=a_off,
+                       b_offsets=b_off, pages=pages, target_modules=present)
+
+
+def _write_rows(layer_pages: torch.Tensor, first_page: int, rows: torch.Tensor, P: int) -> None:
+    """Lay rows (r, w) into consecutive pages: row j's chunk c goes to page first + j*ceil(w/P) + c."""
+    r, w = rows.shape
+    per_row = math.ceil(w / P)
+    padded = torch.zeros(r, per_row * P, dtype=rows.dtype)
+    padded[:, :w] = rows
+    layer_pages[first_page : first_page + r * per_row] = padded.view(r * per_row, P)

@@ -1,0 +1,47 @@
+"""Engine configuration: one dataclass, filled from config.pbtxt parameters or keyword args."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass
+class EngineConfig:
+    model_dir: str
+    adapter_dir: str | None = None  # adapters are looked up here by name on first use
+    dtype: str = "auto"  # auto = float32 on CPU, bfloat16 on CUDA; or float32/float16/bfloat16
+    device: str = "auto"  # auto = cuda when available, else cpu
+    kernel_backend: str = "auto"  # auto = triton on cuda, torch on cpu; or triton / torch
+    pool_pages: int = 0  # pages in the unified pool; 0 = size from memory below
+    gpu_memory_fraction: float = 0.90  # on CUDA: weights + pool take this share of GPU memory
+    cpu_pool_mb: int = 512  # on CPU with pool_pages = 0: pool size in MiB
+    max_rank: int = 64  # adapters of a larger rank are refused
+    max_batch_size: int = 256  # running requests at once
+    max_prefill_tokens: int = 4096  # prompt tokens in one prefill step (one longer prompt still runs alone)
+    max_queue: int = 1024  # waiting requests; beyond it submit() answers "busy"
+    max_model_len: int = 0  # 0 = the model's max_position_embeddings
+    max_tokens_limit: int = 4096  # largest max_tokens a request may ask for
+    host_adapter_budget_mb: int = 0  # reserved for the disk tier; 0 = unlimited host memory
+
+    @classmethod
+    def from_parameters(cls, params: dict[str, str]) -> EngineConfig:
+        """Build from string parameters (Triton config.pbtxt); unknown keys are an error."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for key, raw in params.items():
+            if key not in fields:
+                raise ValueError(f"unknown engine parameter {key!r}; known: {sorted(fields)}")
+            kind = fields[key].type
+            value = raw.strip() if isinstance(raw, str) else raw
+            if "int" in kind and "str" not in kind:
+                kwargs[key] = int(value)
+            elif "float" in kind:
+                kwargs[key] = float(value)
+            elif "None" in kind and value in ("", "none", "None"):
+                kwargs[key] = None
+            else:
+                kwargs[key] = value
+        if "model_dir" not in kwargs:
+            raise ValueError("parameter model_dir is required")
+        return cls(**kwargs)

@@ -1,0 +1,349 @@
+"""The engine: one thread that loops schedule -> run -> sample -> stream, and its public API.
+
+Callers (the Triton model, benchmarks, tests) use `submit`/`generate`, `cancel` and `stats`
+from any thread; only the engine thread touches the scheduler, the pool and the model.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict
+
+import torch
+
+from kernels import get_ops
+
+from .adapter_cache import AdapterCache
+from .adapters import AdapterError, HostAdapter
+from .checkpoint import ModelSpec, load_base_weights, read_spec
+from .config import EngineConfig
+from .detokenizer import IncrementalDetokenizer
+from .model_runner import ModelRunner
+from .page_pool import PagePool
+from .request import (
+    FinishReason,
+    OutputCallback,
+    Request,
+    RequestError,
+    RequestOutput,
+    SamplingParams,
+    Status,
+)
+from .sampler import Sampler
+from .scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(config: EngineConfig) -> torch.device:
+    if config.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(config.device)
+
+
+def resolve_dtype(config: EngineConfig, device: torch.device) -> torch.dtype:
+    if config.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if config.dtype not in _DTYPES:
+        raise ValueError(f"dtype must be auto, float32, float16 or bfloat16, got {config.dtype!r}")
+    return _DTYPES[config.dtype]
+
+
+class _Tracked:
+    """Per-request streaming state kept next to the scheduler's Request."""
+
+    def __init__(self, req: Request, detok: IncrementalDetokenizer, stops: list[str]):
+        self.req = req
+        self.detok = detok
+        self.stops = stops
+        self.held = ""  # text not yet sent: it could be the start of a stop string
+        self.sent_ids = 0  # output ids already streamed
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, tokenizer=None):
+        self.config = config
+        self.device = resolve_device(config)
+        self.dtype = resolve_dtype(config, self.device)
+        backend = config.kernel_backend
+        if backend == "auto":
+            backend = "triton" if self.device.type == "cuda" else "torch"
+        self.kernel_backend = backend
+        t0 = time.monotonic()
+        self.spec: ModelSpec = read_spec(config.model_dir)
+        self.max_model_len = config.max_model_len or self.spec.max_position
+        if tokenizer is None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(config.model_dir)
+        self.tokenizer = tokenizer
+        self._tok_lock = threading.Lock()
+        weights = load_base_weights(config.model_dir, self.spec, self.dtype, self.device)
+        pages = self._pool_pages()
+        s = self.spec
+        self.pool_tensor = torch.zeros(s.layers, pages, s.page_width, dtype=self.dtype, device=self.device)
+        self.pool = PagePool(pages)
+        self.adapters = AdapterCache(s, self.dtype, self.pool, self.pool_tensor, config.adapter_dir,
+                                     config.max_rank)
+        self.scheduler = Scheduler(self.pool, self.adapters, config.max_batch_size,
+                                   config.max_prefill_tokens)
+        self.runner = ModelRunner(s, weights, self.pool_tensor, get_ops(backend), self.max_model_len)
+        self.sampler = Sampler(self.device)
+        self._adapter_lock = threading.Lock()  # host registry is filled from caller threads
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._tracked: dict[int, _Tracked] = {}
+        self._pending = 0  # submitted, not yet finished (bounded by max_queue + running)
+        self._pending_lock = threading.Lock()
+        self._stop = False
+        self._error: BaseException | None = None
+        self.steps = 0
+        self.generated_tokens = 0
+        log.info("engine ready in %.1fs: %s layers=%d hidden=%d heads=%d/%d on %s %s, kernels=%s, "
+                 "pool %d pages x %d (%.1f MiB)", time.monotonic() - t0, config.model_dir, s.layers,
+                 s.hidden, s.heads, s.kv_heads, self.device, self.dtype, backend, pages, s.page_width,
+                 self.pool_tensor.numel() * self.pool_tensor.element_size() / 2**20)
+        self._thread = threading.Thread(target=self._loop, name="slora-engine", daemon=True)
+        self._thread.start()
+
+    def _pool_pages(self) -> int:
+        cfg, s = self.config, self.spec
+        page_bytes = s.layers * s.page_width * torch.finfo(self.dtype).bits // 8
+        if cfg.pool_pages > 0:
+            return cfg.pool_pages
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            used = total - free
+            # Room for activations of the largest prefill and the logits of a full decode batch.
+            act = cfg.max_prefill_tokens * (4 * s.hidden + 3 * s.intermediate + s.q_width) * 4
+            act += cfg.max_batch_size * s.vocab * 8 + (512 << 20)
+            budget = int(total * cfg.gpu_memory_fraction) - used - act
+            return max(budget // page_bytes, 64)
+        return max((cfg.cpu_pool_mb << 20) // page_bytes, 64)
+
+    # -- public API ----------------------------------------------------------------------
+    def submit(self, *, prompt: str | None = None, prompt_ids: list[int] | None = None,
+               adapter: str | None = None, params: SamplingParams | None = None,
+               on_output: OutputCallback, chat: bool = False) -> int:
+        """Queue a request; its outputs go to on_output (called from the engine thread)."""
+        if not self.is_alive():
+            raise RequestError(f"engine is not running: {self._error!r}")
+        params = params or SamplingParams()
+        params.validate(self.config.max_tokens_limit)
+        ids = self._prompt_ids(prompt, prompt_ids, chat)
+        adapter = adapter or None
+        adapter_pages = 0
+        if adapter is not None:
+            with self._adapter_lock:
+                try:
+                    adapter_pages = self.adapters.get_host(adapter).n_pages
+                except AdapterError as e:
+                    raise RequestError(str(e)) from None
+        total_len = min(len(ids) + params.max_tokens, self.max_model_len)
+        need = 2 * total_len + adapter_pages
+        if need > self.pool.num_pages:
+            raise RequestError(f"request needs {need} pool pages ({total_len} tokens + adapter), "
+                               f"the pool has {self.pool.num_pages}: lower max_tokens or the prompt")
+        with self._pending_lock:
+            if self._pending >= self.config.max_queue + self.config.max_batch_size:
+                raise RequestError("server busy: request queue is full, retry later")
+            self._pending += 1
+        req = Request(prompt_ids=ids, params=params, adapter=adapter, on_output=on_output)
+        self._inbox.put(("add", req))
+        self._wake.set()
+        return req.request_id
+
+    def generate(self, **kwargs) -> Iterator[RequestOutput]:
+        """Blocking iterator over a request's outputs (same arguments as submit)."""
+        out: queue.SimpleQueue = queue.SimpleQueue()
+        self.submit(on_output=out.put, **kwargs)
+        while True:
+            item = out.get()
+            yield item
+            if item.finished:
+                return
+
+    def cancel(self, request_id: int) -> None:
+        self._inbox.put(("cancel", request_id))
+        self._wake.set()
+
+    def register_adapter(self, adapter: HostAdapter) -> None:
+        with self._adapter_lock:
+            self.adapters.register(adapter)
+
+    def stats(self) -> dict:
+        a = self.adapters.stats()
+        return {
+            "pool": asdict(self.pool.stats()),
+            "adapters": {"registered": a.registered, "resident": a.resident, "loads": a.loads,
+                         "evictions": a.evictions},
+            "requests": {"waiting": len(self.scheduler.waiting), "running": len(self.scheduler.running),
+                         "preemptions": self.scheduler.preemptions},
+            "steps": self.steps,
+            "generated_tokens": self.generated_tokens,
+        }
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive() and not self._stop
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout)
+
+    def _prompt_ids(self, prompt, prompt_ids, chat) -> list[int]:
+        if prompt_ids is not None and len(prompt_ids) > 0:
+            ids = [int(t) for t in prompt_ids]
+            bad = [t for t in ids if not 0 <= t < self.spec.vocab]
+            if bad:
+                raise RequestError(f"token ids out of range [0, {self.spec.vocab}): {bad[:5]}")
+        elif prompt:
+            with self._tok_lock:
+                if chat:
+                    text = self.tokenizer.apply_chat_template(
+                        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+                    ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+                else:
+                    ids = self.tokenizer(prompt)["input_ids"]
+        else:
+            raise RequestError("empty prompt: give text_input or input_ids")
+        if not ids:
+            raise RequestError("the prompt has no tokens")
+        if len(ids) >= self.max_model_len:
+            raise RequestError(f"prompt of {len(ids)} tokens does not fit the context of "
+                               f"{self.max_model_len} tokens")
+        return ids
+
+    # -- engine thread -------------------------------------------------------------------
+    def _loop(self) -> None:
+        try:
+            while not self._stop:
+                self._drain_inbox()
+                if not self.scheduler.has_work():
+                    self._wake.wait(0.05)
+                    self._wake.clear()
+                    continue
+                step = self.scheduler.schedule()
+                if step is None:  # waiting for adapter copies or pages
+                    self._wake.wait(0.001)
+                    self._wake.clear()
+                    continue
+                self._run_step(step)
+        except BaseException as e:  # the thread must never die silently
+            log.exception("engine thread died")
+            self._error = e
+        finally:
+            self._stop = True
+            self._fail_all("engine stopped" if self._error is None else f"engine failed: {self._error}")
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                kind, item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                req: Request = item
+                eos = frozenset(self.spec.eos_token_ids) | frozenset(
+                    [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else [])
+                detok = IncrementalDetokenizer(self.tokenizer, req.prompt_ids, self._tok_lock,
+                                               skip_ids=eos)
+                self._tracked[req.request_id] = _Tracked(req, detok, list(req.params.stop))
+                self.scheduler.add(req)
+            elif kind == "cancel":
+                tracked = self._tracked.get(item)
+                if tracked is not None:
+                    self._finish(tracked, FinishReason.CANCELLED)
+
+    def _run_step(self, step) -> None:
+        try:
+            inputs = self.runner.prepare(step, self.adapters)
+            logits = self.runner.forward(inputs)
+            tokens = self.sampler.sample(logits, step.requests)
+        except Exception as e:
+            # Contain the failure to this batch: its requests get errors, the engine goes on.
+            log.exception("step failed for %d requests", len(step.requests))
+            for req in step.requests:
+                tracked = self._tracked.get(req.request_id)
+                if tracked is not None:
+                    self._finish(tracked, FinishReason.ERROR, error=f"internal error: {e}")
+            return
+        self.steps += 1
+        now = time.monotonic()
+        for req, token in zip(step.requests, tokens, strict=True):
+            req.num_computed = req.seq_len
+            req.output_ids.append(token)
+            self.generated_tokens += 1
+            if req.first_token_time is None:
+                req.first_token_time = now
+            self._postprocess(self._tracked[req.request_id], token)
+
+    def _postprocess(self, t: _Tracked, token: int) -> None:
+        req, p = t.req, t.req.params
+        eos = (token in t.detok.skip_ids and not p.ignore_eos
+               and len(req.output_ids) >= max(p.min_tokens, 1))
+        t.held += t.detok.add(token)
+        reason = None
+        if t.stops:
+            cut = min((i for i in (t.held.find(s) for s in t.stops) if i >= 0), default=-1)
+            if cut >= 0:
+                t.held = t.held[:cut]
+                reason = FinishReason.STOP
+        if reason is None:
+            if eos:
+                reason = FinishReason.STOP
+            elif len(req.output_ids) >= p.max_tokens or req.seq_len >= self.max_model_len:
+                reason = FinishReason.LENGTH
+        if reason is not None:
+            if reason is FinishReason.LENGTH:
+                t.held += t.detok.flush()
+            self._finish(t, reason)
+            return
+        keep = max((len(s) for s in t.stops), default=1) - 1
+        text = t.held[: len(t.held) - keep] if keep else t.held
+        t.held = t.held[len(text) :]
+        self._emit(t, text, finished=False)
+
+    def _emit(self, t: _Tracked, text: str, finished: bool, reason: FinishReason | None = None,
+              error: str | None = None) -> None:
+        req = t.req
+        new_ids = req.output_ids[t.sent_ids :]
+        t.sent_ids = len(req.output_ids)
+        out = RequestOutput(request_id=req.request_id, text=text, token_ids=new_ids, finished=finished,
+                            finish_reason=reason, error=error, prompt_tokens=len(req.prompt_ids),
+                            generated_tokens=len(req.output_ids))
+        try:
+            req.on_output(out)
+        except Exception:
+            log.exception("output callback failed for request %d", req.request_id)
+
+    def _finish(self, t: _Tracked, reason: FinishReason, error: str | None = None) -> None:
+        req = t.req
+        self.scheduler.finish(req)
+        self.sampler.forget(req)
+        self._tracked.pop(req.request_id, None)
+        with self._pending_lock:
+            self._pending -= 1
+        text = "" if error else t.held
+        t.held = ""
+        self._emit(t, text, finished=True, reason=reason, error=error)
+
+    def _fail_all(self, message: str) -> None:
+        self._drain_inbox_for_failure()
+        for t in list(self._tracked.values()):
+            self._finish(t, FinishReason.ERROR, error=message)
+
+    def _drain_inbox_for_failure(self) -> None:
+        try:
+            self._drain_inbox()
+        except Exception:
+            log.exception("draining the inbox failed")
+
+
+__all__ = ["Engine", "EngineConfig", "RequestError", "SamplingParams", "Status"]

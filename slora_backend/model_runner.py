@@ -1,0 +1,193 @@
+"""Llama forward pass over the unified pool: base weights in torch, LoRA/KV/attention in kernels/."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from kernels.lora_batch import LoraBatch
+
+from .adapter_cache import AdapterCache
+from .checkpoint import BaseWeights, ModelSpec
+from .scheduler import ScheduledStep
+
+
+@dataclass
+class StepInputs:
+    prefill: bool
+    input_ids: torch.Tensor  # (T,) int64: tokens computed this step
+    positions: torch.Tensor  # (T,) int64
+    k_pages: torch.Tensor  # (T,) int32: page receiving each token's K
+    v_pages: torch.Tensor  # (T,) int32: page receiving each token's V
+    last_rows: torch.Tensor  # (B,) int64: row whose logits are sampled, one per request
+    seq_bounds: list[int]  # (B+1,) host ints, prefill only: rows of request b
+    kv_table: torch.Tensor | None  # (B, max_len, 2) int32, decode only: K/V pages of every token
+    seq_lens: torch.Tensor | None  # (B,) int32, decode only: tokens in the cache incl. this one
+    lora: LoraBatch | None  # None when no request in the step uses an adapter
+
+
+def rope_inv_freq(spec: ModelSpec) -> torch.Tensor:
+    d = spec.head_dim
+    inv = 1.0 / (spec.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    scaling = spec.rope_scaling
+    if scaling is None:
+        return inv
+    kind = scaling.get("rope_type", scaling.get("type"))
+    factor = float(scaling["factor"])
+    if kind == "linear":
+        return inv / factor
+    # llama3: long wavelengths slowed by `factor`, short ones kept, a smooth blend between.
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    old_ctx = float(scaling["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > old_ctx / low, inv / factor, inv)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
+    return torch.where(medium, blended, scaled)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Normalise in fp32 and scale in the model dtype, exactly as HF Llama does.
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (T, heads, D); cos/sin: (T, 1, D) with the half-frequencies repeated (HF convention)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class ModelRunner:
+    def __init__(self, spec: ModelSpec, weights: BaseWeights, pool: torch.Tensor, ops,
+                 max_model_len: int):
+        self.spec, self.w, self.pool, self.ops = spec, weights, pool, ops
+        self.device, self.dtype = pool.device, pool.dtype
+        inv = rope_inv_freq(spec)
+        freqs = torch.outer(torch.arange(max_model_len, dtype=torch.float32), inv)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.cos = emb.cos().to(self.device)  # (max_model_len, D) fp32
+        self.sin = emb.sin().to(self.device)
+        self.sm_scale = 1.0 / math.sqrt(spec.head_dim)
+        s = spec
+        self.qkv_offsets = (0, s.q_width, s.q_width + s.kv_width)
+        self.gate_up_offsets = (0, s.intermediate)
+
+    # -- inputs --------------------------------------------------------------------------
+    def prepare(self, step: ScheduledStep, adapters: AdapterCache) -> StepInputs:
+        dev = self.device
+        reqs = step.requests
+        ids: list[int] = []
+        positions: list[int] = []
+        k_pages: list[int] = []
+        v_pages: list[int] = []
+        bounds = [0]
+        if step.prefill:
+            for r in reqs:
+                toks = r.all_ids
+                ids.extend(toks)
+                positions.extend(range(len(toks)))
+                k_pages.extend(r.kv_pages[0::2])
+                v_pages.extend(r.kv_pages[1::2])
+                bounds.append(len(ids))
+            kv_table = seq_lens = None
+        else:
+            max_len = max(r.seq_len for r in reqs)
+            table = np.zeros((len(reqs), max_len * 2), dtype=np.int32)
+            for i, r in enumerate(reqs):
+                ids.append(r.all_ids[-1])
+                positions.append(r.seq_len - 1)
+                k_pages.append(r.kv_pages[-2])
+                v_pages.append(r.kv_pages[-1])
+                table[i, : len(r.kv_pages)] = r.kv_pages
+                bounds.append(i + 1)
+            kv_table = torch.from_numpy(table).view(len(reqs), max_len, 2).to(dev)
+            seq_lens = torch.tensor([r.seq_len for r in reqs], dtype=torch.int32, device=dev)
+        return StepInputs(
+            prefill=step.prefill,
+            input_ids=torch.tensor(ids, dtype=torch.int64, device=dev),
+            positions=torch.tensor(positions, dtype=torch.int64, device=dev),
+            k_pages=torch.tensor(k_pages, dtype=torch.int32, device=dev),
+            v_pages=torch.tensor(v_pages, dtype=torch.int32, device=dev),
+            last_rows=torch.tensor([b - 1 for b in bounds[1:]], dtype=torch.int64, device=dev),
+            seq_bounds=bounds,
+            kv_table=kv_table,
+            seq_lens=seq_lens,
+            lora=self._lora_tables(reqs, bounds, adapters),
+        )
+
+    @staticmethod
+    def _lora_tables(reqs, bounds: list[int], adapters: AdapterCache) -> LoraBatch | None:
+        if all(r.adapter is None for r in reqs):
+            return None
+        # Adjacent requests on one adapter form one segment, so its weights are read once.
+        seg_starts, seg_names = [0], []
+        for i, r in enumerate(reqs):
+            if seg_names and seg_names[-1] == r.adapter:
+                seg_starts[-1] = bounds[i + 1]
+            else:
+                seg_names.append(r.adapter)
+                seg_starts.append(bounds[i + 1])
+        longest = max(b - a for a, b in zip(seg_starts[:-1], seg_starts[1:], strict=True))
+        return adapters.build_lora_batch(seg_starts, seg_names, longest)
+
+    # -- forward -------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, inp: StepInputs) -> torch.Tensor:
+        """Logits (B, vocab) in fp32 for the last row of every request."""
+        s, ops, lora = self.spec, self.ops, inp.lora
+        T = inp.input_ids.shape[0]
+        h = self.w.embed[inp.input_ids]
+        cos = self.cos[inp.positions].to(self.dtype)[:, None, :]
+        sin = self.sin[inp.positions].to(self.dtype)[:, None, :]
+        qw, kvw = s.q_width, s.kv_width
+        for layer, w in enumerate(self.w.layers):
+            pool = self.pool[layer]
+            x = rms_norm(h, w.input_norm, s.rms_eps)
+            qkv = F.linear(x, w.qkv)
+            if lora is not None:
+                ops.lora_apply(x, qkv, pool, lora, (0, 1, 2), self.qkv_offsets)
+            q = apply_rope(qkv[:, :qw].view(T, s.heads, s.head_dim), cos, sin)
+            k = apply_rope(qkv[:, qw : qw + kvw].view(T, s.kv_heads, s.head_dim), cos, sin)
+            v = qkv[:, qw + kvw :].contiguous()
+            ops.write_kv(pool, k.reshape(T, kvw), v, inp.k_pages, inp.v_pages)
+            if inp.prefill:
+                attn = self._prefill_attention(q, k, v.view(T, s.kv_heads, s.head_dim), inp.seq_bounds)
+            else:
+                attn = ops.paged_decode_attention(q, pool, inp.kv_table, inp.seq_lens, self.sm_scale)
+            attn = attn.reshape(T, qw)
+            o = F.linear(attn, w.o)
+            if lora is not None:
+                ops.lora_apply(attn, o, pool, lora, (3,), (0,))
+            h = h + o
+            x = rms_norm(h, w.post_norm, s.rms_eps)
+            gate_up = F.linear(x, w.gate_up)
+            if lora is not None:
+                ops.lora_apply(x, gate_up, pool, lora, (4, 5), self.gate_up_offsets)
+            act = F.silu(gate_up[:, : s.intermediate]) * gate_up[:, s.intermediate :]
+            down = F.linear(act, w.down)
+            if lora is not None:
+                ops.lora_apply(act, down, pool, lora, (6,), (0,))
+            h = h + down
+        last = rms_norm(h[inp.last_rows], self.w.norm, s.rms_eps)
+        return F.linear(last, self.w.lm_head).float()
+
+    def _prefill_attention(self, q, k, v, bounds: list[int]) -> torch.Tensor:
+        """Causal attention over each request's own tokens (prefill always starts at 0)."""
+        s = self.spec
+        group = s.heads // s.kv_heads
+        out = torch.empty_like(q)
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+            qi = q[a:b].transpose(0, 1)  # (H, n, D)
+            ki = k[a:b].transpose(0, 1).repeat_interleave(group, dim=0)
+            vi = v[a:b].transpose(0, 1).repeat_interleave(group, dim=0)
+            oi = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=self.sm_scale)
+            out[a:b] = oi.transpose(0, 1)
+        return out

@@ -1,0 +1,100 @@
+"""Requests, sampling parameters and streamed outputs: the engine's public data types."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+MAX_STOP_STRINGS = 16
+
+
+class RequestError(ValueError):
+    """A request the engine refuses; the message is sent to the client as is."""
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 128
+    min_tokens: int = 0
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = no top-k cut
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+
+    def validate(self, max_tokens_limit: int) -> None:
+        if not 1 <= self.max_tokens <= max_tokens_limit:
+            raise RequestError(f"max_tokens must be in [1, {max_tokens_limit}], got {self.max_tokens}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise RequestError(f"min_tokens must be in [0, max_tokens], got {self.min_tokens}")
+        if not self.temperature >= 0.0 or self.temperature != self.temperature:
+            raise RequestError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise RequestError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise RequestError(f"top_k must be >= 0, got {self.top_k}")
+        if len(self.stop) > MAX_STOP_STRINGS or any(not s for s in self.stop):
+            raise RequestError(f"stop must hold at most {MAX_STOP_STRINGS} non-empty strings")
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # EOS token or a stop string
+    LENGTH = "length"  # max_tokens reached (or the context is full)
+    CANCELLED = "cancelled"
+    ERROR = "error"
+
+
+@dataclass
+class RequestOutput:
+    """One streamed piece of a request: the new text and token ids since the last piece."""
+
+    request_id: int
+    text: str
+    token_ids: list[int]
+    finished: bool = False
+    finish_reason: FinishReason | None = None
+    error: str | None = None  # set (with finished=True) when the request failed
+    prompt_tokens: int = 0
+    generated_tokens: int = 0  # total so far
+
+
+OutputCallback = Callable[[RequestOutput], None]
+
+_ids = itertools.count(1)
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"  # queued, holds no pages
+    RUNNING = "running"  # holds KV pages, decoding
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Request:
+    """Engine-side state of one generation request."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    adapter: str | None
+    on_output: OutputCallback
+    request_id: int = field(default_factory=lambda: next(_ids))
+    arrival_time: float = field(default_factory=time.monotonic)
+    output_ids: list[int] = field(default_factory=list)
+    status: Status = Status.WAITING
+    kv_pages: list[int] = field(default_factory=list)  # 2 per computed token: K page, V page
+    num_computed: int = 0  # tokens whose K/V are in the pool
+    cancelled: bool = False
+    preemptions: int = 0
+    first_token_time: float | None = None
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def seq_len(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)

@@ -1,0 +1,129 @@
+"""Iteration-level continuous batching over the unified page pool.
+
+Each step is either a prefill of newly admitted requests or a decode of every running one.
+Admission needs the request's adapter resident (its load is started here and the request
+waits, without blocking others, until the copy is done) and 2 pages per token for its KV.
+When decode runs out of pages, idle adapters are evicted first, then the most recently
+arrived running requests are preempted: their pages are freed and they are recomputed later.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass
+
+from .adapter_cache import AdapterCache
+from .page_pool import PagePool, PageUse
+from .request import Request, Status
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ScheduledStep:
+    prefill: bool
+    requests: list[Request]  # ordered so that requests sharing an adapter are adjacent
+
+
+def adapter_order(req: Request) -> tuple[int, str]:
+    return (0, "") if req.adapter is None else (1, req.adapter)
+
+
+class Scheduler:
+    def __init__(self, pool: PagePool, adapters: AdapterCache, max_batch_size: int,
+                 max_prefill_tokens: int):
+        self.pool = pool
+        self.adapters = adapters
+        self.max_batch_size = max_batch_size
+        self.max_prefill_tokens = max_prefill_tokens
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.preemptions = 0
+
+    def add(self, req: Request) -> None:
+        self.waiting.append(req)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledStep | None:
+        admitted = self._admit()
+        if admitted:
+            return ScheduledStep(prefill=True, requests=sorted(admitted, key=adapter_order))
+        if self.running:
+            self._reserve_decode_pages()
+            if self.running:
+                return ScheduledStep(prefill=False, requests=sorted(self.running, key=adapter_order))
+        return None
+
+    # -- admission -----------------------------------------------------------------------
+    def _admit(self) -> list[Request]:
+        admitted: list[Request] = []
+        tokens = 0
+        skipped: list[Request] = []
+        while self.waiting and len(self.running) + len(admitted) < self.max_batch_size:
+            req = self.waiting[0]
+            n = req.seq_len
+            if admitted and tokens + n > self.max_prefill_tokens:
+                break
+            if req.adapter is not None and not self.adapters.is_ready(req.adapter):
+                if not self.adapters.start_load(req.adapter):
+                    break  # not enough pages for the adapter yet: keep FIFO order
+                if not self.adapters.is_ready(req.adapter):
+                    skipped.append(self.waiting.popleft())  # copy in flight: let others pass
+                    continue
+            if req.adapter is not None:
+                self.adapters.acquire(req.adapter)  # so the KV reclaim below cannot evict it
+            if not self.adapters.reclaim(2 * n):
+                if req.adapter is not None:
+                    self.adapters.release(req.adapter)
+                break
+            self.waiting.popleft()
+            req.kv_pages = self.pool.alloc(2 * n, PageUse.KV)
+            req.num_computed = 0
+            req.status = Status.RUNNING
+            admitted.append(req)
+            tokens += n
+        self.waiting.extendleft(reversed(skipped))
+        self.running.extend(admitted)
+        return admitted
+
+    # -- decode --------------------------------------------------------------------------
+    def _reserve_decode_pages(self) -> None:
+        """Give every running request 2 pages (K, V) for its next token, preempting if short."""
+        while self.running and not self.adapters.reclaim(2 * len(self.running)):
+            victim = max(self.running, key=lambda r: r.arrival_time)
+            self.preempt(victim)
+        for req in self.running:
+            req.kv_pages.extend(self.pool.alloc(2, PageUse.KV))
+
+    def preempt(self, req: Request) -> None:
+        log.info("preempting request %d (%d tokens) to free pages", req.request_id, req.seq_len)
+        self._release(req)
+        self.running.remove(req)
+        req.status = Status.WAITING
+        req.preemptions += 1
+        self.preemptions += 1
+        self.waiting.appendleft(req)
+
+    # -- finishing -----------------------------------------------------------------------
+    def finish(self, req: Request) -> None:
+        """Free everything the request holds, wherever it is (running or waiting)."""
+        if req.status == Status.RUNNING:
+            self._release(req)
+            self.running.remove(req)
+        elif req.status == Status.WAITING:
+            try:
+                self.waiting.remove(req)
+            except ValueError:
+                pass
+        req.status = Status.FINISHED
+
+    def _release(self, req: Request) -> None:
+        if req.kv_pages:
+            self.pool.release(req.kv_pages, PageUse.KV)
+            req.kv_pages = []
+        req.num_computed = 0
+        if req.adapter is not None and req.status == Status.RUNNING:
+            self.adapters.release(req.adapter)
