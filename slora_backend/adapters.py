@@ -174,8 +174,7 @@ def build_host_adapter(name: str, config: dict, targets: list[str],
         raise AdapterError(f"adapter {name!r} has weights for {extra} not in its target_modules")
     alpha = float(config.get("lora_alpha", config["r"]))
     P, L = spec.page_width, spec.layers
-    ranks, scales, a_off, b_off = [0] * 7, [0.0] * 7, [0] * 7, [0] * 7
-    n_pages = 0
+    ranks, scales = [0] * 7, [0.0] * 7
     plan = []  # module indices present, in MODULES order
     for mod in present:
         mi = MODULES.index(mod)
@@ -197,12 +196,9 @@ def build_host_adapter(name: str, config: dict, targets: list[str],
                     f"shape {tuple(t.shape)}, expected {want}")
         ranks[mi] = r
         scales[mi] = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-        a_off[mi] = n_pages
-        n_pages += r * spec.pages_per_row(d_in)
-        b_off[mi] = n_pages
-        n_pages += r * spec.pages_per_row(d_out)
         plan.append(mi)
 
+    a_off, b_off, n_pages = page_layout(spec, ranks)
     pages = torch.zeros(L, n_pages, P, dtype=dtype)
     for mi in plan:
         mod = MODULES[mi]
@@ -220,6 +216,24 @@ def build_host_adapter(name: str, config: dict, targets: list[str],
              pages.numel() * pages.element_size() / 2**20)
     return HostAdapter(name=name, rank=max(ranks), ranks=ranks, scales=scales, a_offsets=a_off,
                        b_offsets=b_off, pages=pages, target_modules=present)
+
+
+def page_layout(spec: ModelSpec, ranks: list[int]) -> tuple[list[int], list[int], int]:
+    """Where each module's A rows and B^T rows start among an adapter's pages, and the total.
+
+    Modules in MODULES order; per module the r rows of A (ceil(in/P) pages each), then the
+    r rows of B^T (ceil(out/P) pages each).
+    """
+    a_off, b_off, n = [0] * 7, [0] * 7, 0
+    for mi, r in enumerate(ranks):
+        if r == 0:
+            continue
+        d_in, d_out = spec.module_shape(MODULES[mi])
+        a_off[mi] = n
+        n += r * spec.pages_per_row(d_in)
+        b_off[mi] = n
+        n += r * spec.pages_per_row(d_out)
+    return a_off, b_off, n
 
 
 def _write_rows(layer_pages: torch.Tensor, first_page: int, rows: torch.Tensor, P: int) -> None:

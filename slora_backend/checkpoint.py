@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from kernels.lora_batch import MODULES  # noqa: F401  (re-exported: the order of every table and kernel)
+
 log = logging.getLogger(__name__)
 
 SUPPORTED_ARCHS = {"LlamaForCausalLM", "MistralForCausalLM"}

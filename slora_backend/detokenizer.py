@@ -30,7 +30,7 @@ class IncrementalDetokenizer:
 
     def add(self, token: int) -> str:
         """Append one token; return the text that is now complete (may be '')."""
-        if token in self.skip_ids:
+        if token in self.skip_ids or self.tokenizer is None:
             return ""
         self.ids.append(token)
         before = self._decode(self.ids[self.prefix : self.read])
@@ -42,7 +42,7 @@ class IncrementalDetokenizer:
 
     def flush(self) -> str:
         """Whatever is left at the end of generation (an incomplete character stays U+FFFD)."""
-        if self.read == len(self.ids):
+        if self.read == len(self.ids) or self.tokenizer is None:
             return ""
         before = self._decode(self.ids[self.prefix : self.read])
         after = self._decode(self.ids[self.prefix :])

@@ -22,6 +22,7 @@ from .adapters import AdapterError, HostAdapter
 from .checkpoint import ModelSpec, load_base_weights, read_spec
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
+from .dummy import dummy_spec, dummy_weights, is_dummy
 from .model_runner import ModelRunner
 from .page_pool import PagePool
 from .request import (
@@ -76,15 +77,19 @@ class Engine:
             backend = "triton" if self.device.type == "cuda" else "torch"
         self.kernel_backend = backend
         t0 = time.monotonic()
-        self.spec: ModelSpec = read_spec(config.model_dir)
-        self.max_model_len = config.max_model_len or self.spec.max_position
-        if tokenizer is None:
-            from transformers import AutoTokenizer
+        if is_dummy(config.model_dir):  # benchmarks: random weights of a named shape, token ids only
+            self.spec: ModelSpec = dummy_spec(config.model_dir, config.max_model_len or 4096)
+            weights = dummy_weights(self.spec, self.dtype, self.device)
+        else:
+            self.spec = read_spec(config.model_dir)
+            if tokenizer is None:
+                from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(config.model_dir)
+                tokenizer = AutoTokenizer.from_pretrained(config.model_dir)
+            weights = load_base_weights(config.model_dir, self.spec, self.dtype, self.device)
+        self.max_model_len = config.max_model_len or self.spec.max_position
         self.tokenizer = tokenizer
         self._tok_lock = threading.Lock()
-        weights = load_base_weights(config.model_dir, self.spec, self.dtype, self.device)
         pages = self._pool_pages()
         s = self.spec
         self.pool_tensor = torch.zeros(s.layers, pages, s.page_width, dtype=self.dtype, device=self.device)
@@ -203,6 +208,8 @@ class Engine:
             bad = [t for t in ids if not 0 <= t < self.spec.vocab]
             if bad:
                 raise RequestError(f"token ids out of range [0, {self.spec.vocab}): {bad[:5]}")
+        elif prompt and self.tokenizer is None:
+            raise RequestError("this model has no tokenizer: send input_ids")
         elif prompt:
             with self._tok_lock:
                 if chat:
@@ -250,8 +257,8 @@ class Engine:
                 return
             if kind == "add":
                 req: Request = item
-                eos = frozenset(self.spec.eos_token_ids) | frozenset(
-                    [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else [])
+                tok_eos = getattr(self.tokenizer, "eos_token_id", None)
+                eos = frozenset(self.spec.eos_token_ids) | frozenset([] if tok_eos is None else [tok_eos])
                 detok = IncrementalDetokenizer(self.tokenizer, req.prompt_ids, self._tok_lock,
                                                skip_ids=eos)
                 self._tracked[req.request_id] = _Tracked(req, detok, list(req.params.stop))
