@@ -178,6 +178,11 @@ class Engine:
         self._inbox.put(("cancel", request_id))
         self._wake.set()
 
+    def evict_idle_adapters(self) -> None:
+        """Drop every adapter without running requests from the pool (benchmarks start cold)."""
+        self._inbox.put(("evict_idle", None))
+        self._wake.set()
+
     def register_adapter(self, adapter: HostAdapter) -> None:
         with self._adapter_lock:
             self.adapters.register(adapter)
@@ -263,6 +268,8 @@ class Engine:
                                                skip_ids=eos)
                 self._tracked[req.request_id] = _Tracked(req, detok, list(req.params.stop))
                 self.scheduler.add(req)
+            elif kind == "evict_idle":
+                self.adapters.evict_all_idle()
             elif kind == "cancel":
                 tracked = self._tracked.get(item)
                 if tracked is not None:

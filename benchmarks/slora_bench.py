@@ -1,0 +1,164 @@
+"""S-LoRA-style throughput benchmark against the in-process engine (dummy weights, GPU).
+
+    python benchmarks/slora_bench.py --model dummy:llama-7b --setting S2 --n 5,100,1000 \\
+        --rate 12 --duration 60 --out benchmarks/results
+
+One engine, adapters registered once (the largest n); the same trace seed for every run;
+each run starts with no adapter on the GPU. Runs in order: the base model alone (the
+no-LoRA ceiling: the same trace with every adapter dropped), then each n. Writes
+`<out>/slora_<setting>.json` with every report and the ratios to the ceiling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from client.workload import RequestTiming, WorkloadSpec, adapter_name, make_trace, summarize  # noqa: E402
+from slora_backend.checkpoint import MODULES  # noqa: E402
+from slora_backend.config import EngineConfig  # noqa: E402
+from slora_backend.dummy import random_adapter  # noqa: E402
+from slora_backend.engine import Engine  # noqa: E402
+from slora_backend.request import SamplingParams  # noqa: E402
+
+log = logging.getLogger("slora_bench")
+SETTINGS = {"S1": (8,), "S2": (64, 32, 16, 8), "S4": (64, 32, 16)}
+TARGETS = {"qkvo": ("q_proj", "k_proj", "v_proj", "o_proj"),
+           "all": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}
+
+
+def register_adapters(engine: Engine, n: int, ranks: tuple[int, ...], targets, seed: int) -> float:
+    rng = np.random.default_rng(seed)
+    t0 = time.monotonic()
+    host_bytes = weight_bytes = 0
+    for i in range(n):
+        rank = int(rng.choice(ranks))
+        ad = random_adapter(adapter_name(i), engine.spec, rank, targets, engine.dtype, seed=seed + i,
+                            device=engine.device, pin=engine.device.type == "cuda")
+        engine.register_adapter(ad)
+        host_bytes += ad.nbytes
+        weight_bytes += sum(
+            r * sum(engine.spec.module_shape(m)) for r, m in zip(ad.ranks, MODULES, strict=True)
+        ) * engine.spec.layers * ad.pages.element_size()
+        if (i + 1) % max(1, n // 10) == 0:
+            log.info("registered %d/%d adapters (%.1f GB host)", i + 1, n, host_bytes / 1e9)
+    log.info("registered %d adapters in %.1fs", n, time.monotonic() - t0)
+    return host_bytes / max(weight_bytes, 1)
+
+
+def replay(engine: Engine, trace, drop_adapters: bool, deadline: float) -> list[RequestTiming]:
+    timings = [RequestTiming(arrival=r.arrival) for r in trace]
+    done = threading.Semaphore(0)
+    start = time.monotonic()
+
+    def callback_for(i):
+        def on_output(out):
+            t = timings[i]
+            now = time.monotonic() - start
+            if out.token_ids and t.first_token is None:
+                t.first_token = now - t.arrival
+            t.output_tokens = out.generated_tokens
+            if out.finished:
+                t.latency = now - t.arrival
+                t.error = out.error
+                done.release()
+        return on_output
+
+    ids = []
+    last_log = 0.0
+    for i, r in enumerate(trace):
+        delay = r.arrival - (time.monotonic() - start)
+        if delay > 0:
+            time.sleep(delay)
+        timings[i].arrival = time.monotonic() - start
+        ids.append(engine.submit(prompt_ids=r.prompt_ids, adapter=None if drop_adapters else r.adapter,
+                                 params=SamplingParams(max_tokens=r.output_len, ignore_eos=True),
+                                 on_output=callback_for(i)))
+        if time.monotonic() - last_log > 10:
+            last_log = time.monotonic()
+            log.info("sent %d/%d  %s", i + 1, len(trace), engine.stats()["requests"])
+    finished = 0
+    while finished < len(trace):
+        if not done.acquire(timeout=10):
+            elapsed = time.monotonic() - start
+            log.info("finished %d/%d at %.0fs  %s", finished, len(trace), elapsed, engine.stats()["requests"])
+            if elapsed > deadline:
+                for rid in ids:
+                    engine.cancel(rid)
+                deadline = float("inf")
+            continue
+        finished += 1
+    return timings
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="dummy:llama-7b")
+    ap.add_argument("--setting", default="S2", choices=sorted(SETTINGS))
+    ap.add_argument("--targets", default="qkvo", choices=sorted(TARGETS))
+    ap.add_argument("--n", default="5,100", help="comma-separated adapter counts")
+    ap.add_argument("--rate", type=float, default=8.0)
+    ap.add_argument("--duration", type=float, default=60.0)
+    ap.add_argument("--cv", type=float, default=1.0)
+    ap.add_argument("--alpha", type=float, default=1.0)
+    ap.add_argument("--max-len", type=int, default=512, help="upper end of input/output lengths")
+    ap.add_argument("--no-base", action="store_true", help="skip the no-LoRA ceiling run")
+    ap.add_argument("--out", default="benchmarks/results")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    ns = [int(x) for x in args.n.split(",")]
+    engine = Engine(EngineConfig(model_dir=args.model, max_model_len=2048, max_batch_size=512,
+                                 max_prefill_tokens=8192))
+    host_ratio = register_adapters(engine, max(ns), SETTINGS[args.setting], TARGETS[args.targets], seed=1)
+    free, total = torch.cuda.mem_get_info() if engine.device.type == "cuda" else (0, 1)
+    results = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+               "date": time.strftime("%Y-%m-%d"), "args": vars(args), "runs": {},
+               "host_bytes_over_weight_bytes": host_ratio,
+               "gpu_memory_used_fraction": 1 - free / total, "pool": engine.stats()["pool"]}
+    runs = ([] if args.no_base else [("base", 0)]) + [(f"n{n}", n) for n in ns]
+    for label, n in runs:
+        spec = WorkloadSpec(n_adapters=max(n, 1), rate=args.rate, duration=args.duration, cv=args.cv,
+                            alpha=args.alpha, input_range=(8, args.max_len), output_range=(8, args.max_len),
+                            vocab=engine.spec.vocab, seed=7)
+        trace = make_trace(spec)
+        engine.evict_idle_adapters()
+        before = engine.stats()
+        log.info("run %s: %d requests over %.0fs", label, len(trace), args.duration)
+        timings = replay(engine, trace, drop_adapters=(n == 0), deadline=args.duration * 4)
+        report = summarize(timings).as_dict()
+        after = engine.stats()
+        report["extra"] = {"adapter_loads": after["adapters"]["loads"] - before["adapters"]["loads"],
+                           "preemptions": after["requests"]["preemptions"] - before["requests"]["preemptions"],
+                           "steps": after["steps"] - before["steps"]}
+        results["runs"][label] = report
+        log.info("%s: %.2f req/s, %.0f tok/s, avg latency %.2fs, first token avg %.2fs, SLO %.2f", label,
+                 report["throughput_req_s"], report["throughput_tok_s"], report["latency_avg"],
+                 report["first_token_avg"], report["slo_attainment"])
+    if "base" in results["runs"]:
+        base = results["runs"]["base"]["throughput_req_s"]
+        results["over_base"] = {k: v["throughput_req_s"] / base for k, v in results["runs"].items()}
+    engine.shutdown()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"slora_{args.setting}_{args.targets}.json"
+    path.write_text(json.dumps(results, indent=2))
+    print(json.dumps({k: results.get(k) for k in ("device", "over_base")}, indent=1))
+    for label, r in results["runs"].items():
+        print(f"{label:>7}: {r['throughput_req_s']:.2f} req/s {r['throughput_tok_s']:.0f} tok/s "
+              f"lat {r['latency_avg']:.2f}s ftl {r['first_token_avg']:.2f}s slo {r['slo_attainment']:.2f} "
+              f"{r['extra']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
