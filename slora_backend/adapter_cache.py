@@ -34,6 +34,21 @@ class ResidentAdapter:
 
 
 @dataclass
+class LoraTables:
+    """One step's adapter tables on the host, before they become a LoraBatch."""
+
+    names: list[str]  # distinct adapters of the step; a = index in this list
+    seg_adapter: list[int]  # (S,) a per segment, -1 = base model
+    ranks: list[list[int]]  # (7, A)
+    scales: list[list[float]]  # (7, A)
+    a_starts: list[list[int]]  # (7, A)
+    b_starts: list[list[int]]  # (7, A)
+    page_id_parts: list[torch.Tensor] = field(default_factory=list)  # each adapter's (n_pages,) ids
+    total_pages: int = 0
+    max_rank: int = 0
+
+
+@dataclass
 class AdapterCacheStats:
     registered: int = 0
     resident: int = 0
@@ -145,16 +160,16 @@ class AdapterCache:
         self.resident[name].refs -= 1
 
     # -- per-step tables -----------------------------------------------------------------
-    def build_lora_batch(self, seg_starts: list[int], seg_names: list[str | None],
-                         max_seg_len: int) -> LoraBatch:
-        """Index tables for one step (valid for every layer): see docs/DESIGN.md."""
+    def lora_tables(self, seg_names: list[str | None]) -> LoraTables:
+        """Host-side index tables for one step (valid for every layer): see docs/DESIGN.md."""
         names = list(dict.fromkeys(n for n in seg_names if n is not None))
         slot = {n: i for i, n in enumerate(names)}
-        ranks = [[0] * len(names) for _ in range(7)]
-        scales = [[0.0] * len(names) for _ in range(7)]
-        a_starts = [[0] * len(names) for _ in range(7)]
-        b_starts = [[0] * len(names) for _ in range(7)]
-        base, id_parts, max_rank = 0, [], 0
+        t = LoraTables(names=names, seg_adapter=[slot[n] if n is not None else -1 for n in seg_names],
+                       ranks=[[0] * len(names) for _ in range(7)],
+                       scales=[[0.0] * len(names) for _ in range(7)],
+                       a_starts=[[0] * len(names) for _ in range(7)],
+                       b_starts=[[0] * len(names) for _ in range(7)])
+        base = 0
         compute = torch.cuda.current_stream(self.device) if self._stream is not None else None
         for a, name in enumerate(names):
             res = self.resident[name]
@@ -163,25 +178,31 @@ class AdapterCache:
                 res.waited = True
             h = res.host
             for m in range(7):
-                ranks[m][a] = h.ranks[m]
-                scales[m][a] = h.scales[m]
-                a_starts[m][a] = base + h.a_offsets[m]
-                b_starts[m][a] = base + h.b_offsets[m]
-            max_rank = max(max_rank, h.rank)
-            id_parts.append(res.page_ids)
+                t.ranks[m][a] = h.ranks[m]
+                t.scales[m][a] = h.scales[m]
+                t.a_starts[m][a] = base + h.a_offsets[m]
+                t.b_starts[m][a] = base + h.b_offsets[m]
+            t.max_rank = max(t.max_rank, h.rank)
+            t.page_id_parts.append(res.page_ids)
             base += h.n_pages
-        dev = self.device
-        page_ids = torch.cat(id_parts) if id_parts else torch.zeros(1, dtype=torch.int32, device=dev)
-        seg_adapter = [slot[n] if n is not None else -1 for n in seg_names]
+        t.total_pages = base
+        return t
+
+    def build_lora_batch(self, seg_starts: list[int], seg_names: list[str | None],
+                         max_seg_len: int) -> LoraBatch:
+        """The step's tables as device tensors (eager path; CUDA graphs fill static ones)."""
+        t = self.lora_tables(seg_names)
+        dev, a = self.device, len(t.names)
+        page_ids = torch.cat(t.page_id_parts) if t.page_id_parts else torch.zeros(1, dtype=torch.int32, device=dev)
         return LoraBatch(
             seg_starts=torch.tensor(seg_starts, dtype=torch.int32, device=dev),
-            seg_adapter=torch.tensor(seg_adapter, dtype=torch.int32, device=dev),
-            ranks=torch.tensor(ranks, dtype=torch.int32, device=dev).view(7, len(names)),
-            scales=torch.tensor(scales, dtype=torch.float32, device=dev).view(7, len(names)),
-            a_starts=torch.tensor(a_starts, dtype=torch.int32, device=dev).view(7, len(names)),
-            b_starts=torch.tensor(b_starts, dtype=torch.int32, device=dev).view(7, len(names)),
+            seg_adapter=torch.tensor(t.seg_adapter, dtype=torch.int32, device=dev),
+            ranks=torch.tensor(t.ranks, dtype=torch.int32, device=dev).view(7, a),
+            scales=torch.tensor(t.scales, dtype=torch.float32, device=dev).view(7, a),
+            a_starts=torch.tensor(t.a_starts, dtype=torch.int32, device=dev).view(7, a),
+            b_starts=torch.tensor(t.b_starts, dtype=torch.int32, device=dev).view(7, a),
             page_ids=page_ids,
-            max_rank=max_rank,
+            max_rank=t.max_rank,
             max_seg_len=max_seg_len,
         )
 

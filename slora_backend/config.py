@@ -23,6 +23,7 @@ class EngineConfig:
     max_model_len: int = 0  # 0 = the model's max_position_embeddings
     max_tokens_limit: int = 4096  # largest max_tokens a request may ask for
     host_adapter_budget_mb: int = 0  # reserved for the disk tier; 0 = unlimited host memory
+    cuda_graphs: bool = True  # on CUDA with the Triton kernels: replay decode steps from graphs
 
     @classmethod
     def from_parameters(cls, params: dict[str, str]) -> EngineConfig:
@@ -34,7 +35,11 @@ class EngineConfig:
                 raise ValueError(f"unknown engine parameter {key!r}; known: {sorted(fields)}")
             kind = fields[key].type
             value = raw.strip() if isinstance(raw, str) else raw
-            if "int" in kind and "str" not in kind:
+            if kind == "bool":
+                if str(value).lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(f"parameter {key} must be true or false, got {value!r}")
+                kwargs[key] = str(value).lower() in ("true", "1", "yes")
+            elif "int" in kind and "str" not in kind:
                 kwargs[key] = int(value)
             elif "float" in kind:
                 kwargs[key] = float(value)

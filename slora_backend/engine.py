@@ -21,6 +21,7 @@ from .adapter_cache import AdapterCache
 from .adapters import AdapterError, HostAdapter
 from .checkpoint import ModelSpec, load_base_weights, read_spec
 from .config import EngineConfig
+from .cuda_graphs import DecodeGraphs
 from .detokenizer import IncrementalDetokenizer
 from .dummy import dummy_spec, dummy_weights, is_dummy
 from .model_runner import ModelRunner
@@ -92,7 +93,10 @@ class Engine:
         self._tok_lock = threading.Lock()
         pages = self._pool_pages()
         s = self.spec
-        self.pool_tensor = torch.zeros(s.layers, pages, s.page_width, dtype=self.dtype, device=self.device)
+        use_graphs = config.cuda_graphs and self.device.type == "cuda" and backend == "triton"
+        # With CUDA graphs, two scratch pages past the allocator's range absorb padding rows.
+        extra = 2 if use_graphs else 0
+        self.pool_tensor = torch.zeros(s.layers, pages + extra, s.page_width, dtype=self.dtype, device=self.device)
         self.pool = PagePool(pages)
         self.adapters = AdapterCache(s, self.dtype, self.pool, self.pool_tensor, config.adapter_dir,
                                      config.max_rank)
@@ -100,6 +104,11 @@ class Engine:
                                    config.max_prefill_tokens)
         self.runner = ModelRunner(s, weights, self.pool_tensor, get_ops(backend), self.max_model_len)
         self.sampler = Sampler(self.device)
+        self.graphs: DecodeGraphs | None = None
+        if use_graphs:
+            self.graphs = DecodeGraphs(self.runner, config.max_batch_size, config.max_rank, (pages, pages + 1),
+                                       pages)
+            self.graphs.capture()
         self._adapter_lock = threading.Lock()  # host registry is filled from caller threads
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
@@ -277,8 +286,10 @@ class Engine:
 
     def _run_step(self, step) -> None:
         try:
-            inputs = self.runner.prepare(step, self.adapters)
-            logits = self.runner.forward(inputs)
+            if not step.prefill and self.graphs is not None:
+                logits = self.graphs.run(step, self.adapters)
+            else:
+                logits = self.runner.forward(self.runner.prepare(step, self.adapters))
             tokens = self.sampler.sample(logits, step.requests)
         except Exception as e:
             # Contain the failure to this batch: its requests get errors, the engine goes on.

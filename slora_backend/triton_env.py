@@ -68,9 +68,12 @@ def triton_env(base_env: dict[str, str] | None = None) -> dict:
       python, python_version, site_packages, pytriton_site, libpython_dir, repo_root,
       model_repository
       ld_library_path, pythonpath   lists of directories added in front
-      env            copy of `base_env` (default os.environ) with LD_LIBRARY_PATH and
-                     PYTHONPATH extended: pass it to subprocess for tritonserver or
-                     perf_analyzer
+      path_dir       this interpreter's bin directory, put first on PATH
+      env            copy of `base_env` (default os.environ) with PATH, LD_LIBRARY_PATH and
+                     PYTHONPATH extended (and VIRTUAL_ENV set in a venv): pass it to
+                     subprocess for tritonserver or perf_analyzer. PATH matters most: the
+                     stub's embedded Python ignores PYTHONPATH and takes its packages from the
+                     `python3` found first on PATH.
     All paths are strings; nothing is checked for existence except `stub_ok`.
     """
     base = dict(os.environ if base_env is None else base_env)
@@ -79,8 +82,7 @@ def triton_env(base_env: dict[str, str] | None = None) -> dict:
     ts_dir = pt_site / "pytriton" / "tritonserver"
     pyver = f"{sys.version_info[0]}.{sys.version_info[1]}"
     libdir = sysconfig.get_config_var("LIBDIR") or ""
-    bindir = Path(sys.prefix) / "bin"
-    perf = os.environ.get("SLORA_PERF_ANALYZER") or str(bindir / "perf_analyzer")
+    perf = os.environ.get("SLORA_PERF_ANALYZER") or str(Path(sys.prefix) / "bin" / "perf_analyzer")
     if not Path(perf).exists():
         perf = shutil.which("perf_analyzer") or perf
 
@@ -92,7 +94,15 @@ def triton_env(base_env: dict[str, str] | None = None) -> dict:
     if pt_site != site:
         pypath.append(str(pt_site))
 
+    # The Python-backend stub embeds Python in *isolated* mode: it ignores PYTHONPATH and
+    # PYTHONHOME and finds its prefix through `python3` on PATH. With this interpreter's bin
+    # directory first on PATH, a venv's pyvenv.cfg is found and the stub imports the venv's
+    # packages (numpy<2 included: with the global numpy 2.x, BYTES tensors arrive corrupted).
+    bindir = str(Path(sys.executable).parent)
     env = dict(base)
+    env["PATH"] = _join([bindir], base.get("PATH", os.defpath))
+    if sys.prefix != sys.base_prefix:  # in a venv
+        env["VIRTUAL_ENV"] = sys.prefix
     env["LD_LIBRARY_PATH"] = _join(ld, base.get("LD_LIBRARY_PATH"))
     env["PYTHONPATH"] = _join(pypath, base.get("PYTHONPATH"))
 
@@ -110,6 +120,7 @@ def triton_env(base_env: dict[str, str] | None = None) -> dict:
         "stub_src": str(ts_dir / "python_backend_stubs" / pyver / "triton_python_backend_stub"),
         "perf_analyzer": perf,
         "ld_library_path": ld,
+        "path_dir": bindir,
         "pythonpath": pypath,
         "env": env,
     }
@@ -165,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({k: v for k, v in info.items() if k != "env"}, indent=2))
         return 0
     values = {name: info[key] for name, key in _SHELL_VARS.items()}
+    values["PATH"] = info["env"]["PATH"]
     values["LD_LIBRARY_PATH"] = info["env"]["LD_LIBRARY_PATH"]
     values["PYTHONPATH"] = info["env"]["PYTHONPATH"]
     for name, value in values.items():

@@ -1,0 +1,168 @@
+"""Decode-step breakdown against its byte floor (GPU, dummy weights).
+
+    python benchmarks/decode_step.py --model dummy:llama-7b --batch 1,32,128 --ctx 512
+
+For each batch size B, B running requests with `ctx` tokens of KV each are set up directly
+in the pool (no scheduler), each on its own S2 adapter (ranks 64/32/16/8 on q,k,v,o), and
+one decode step is timed in parts: host preparation of the step's tables, the GPU forward
+(CUDA events), and sampling. Also the same step with no LoRA. The floor is the bytes a step
+must read (all weights + the batch's KV + every distinct adapter once) over the measured
+device copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from slora_backend.config import EngineConfig  # noqa: E402
+from slora_backend.dummy import random_adapter  # noqa: E402
+from slora_backend.engine import Engine  # noqa: E402
+from slora_backend.page_pool import PageUse  # noqa: E402
+from slora_backend.request import Request, SamplingParams, Status  # noqa: E402
+from slora_backend.scheduler import ScheduledStep  # noqa: E402
+
+log = logging.getLogger("decode_step")
+QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy, bytes read + written per second."""
+    a = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        b.copy_(a)
+    end.record()
+    torch.cuda.synchronize()
+    bw = 2 * a.numel() * 10 / (start.elapsed_time(end) / 1e3)
+    del a, b
+    return bw
+
+
+def make_requests(engine: Engine, batch: int, ctx: int, adapters: list[str | None]) -> list[Request]:
+    rng = np.random.default_rng(0)
+    reqs = []
+    for i in range(batch):
+        name = adapters[i]
+        r = Request(prompt_ids=rng.integers(1, engine.spec.vocab, ctx - 1).tolist(),
+                    params=SamplingParams(max_tokens=8, ignore_eos=True), adapter=name, on_output=lambda o: None)
+        r.output_ids = [1]
+        if name is not None:
+            assert engine.adapters.start_load(name)
+            engine.adapters.acquire(name)
+        r.kv_pages = engine.pool.alloc(2 * ctx, PageUse.KV)
+        r.status = Status.RUNNING
+        reqs.append(r)
+    torch.cuda.synchronize()
+    return reqs
+
+
+def release(engine: Engine, reqs: list[Request]) -> None:
+    for r in reqs:
+        engine.pool.release(r.kv_pages, PageUse.KV)
+        if r.adapter is not None:
+            engine.adapters.release(r.adapter)
+    engine.adapters.evict_all_idle()
+
+
+def time_step(engine: Engine, reqs: list[Request], iters: int, graph: bool) -> dict:
+    """Median times of one decode step; with graph=True the replay path the engine uses."""
+    step = ScheduledStep(prefill=False, requests=reqs)
+    prep, fwd, launch, samp = [], [], [], []
+    for i in range(iters + 3):
+        torch.cuda.synchronize()
+        ev0, ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t0 = time.perf_counter()
+        if graph:  # table filling and replay are one call: count it all as launch
+            t1 = t0
+            ev0.record()
+            logits = engine.graphs.run(step, engine.adapters)
+        else:
+            inputs = engine.runner.prepare(step, engine.adapters)
+            t1 = time.perf_counter()
+            ev0.record()
+            logits = engine.runner.forward(inputs)
+        ev1.record()
+        t2 = time.perf_counter()
+        engine.sampler.sample(logits, reqs)
+        t3 = time.perf_counter()
+        if i >= 3:
+            prep.append(t1 - t0)
+            fwd.append(ev0.elapsed_time(ev1) / 1e3)
+            launch.append(t2 - t1)
+            samp.append(t3 - t2)
+    return {"prepare_s": statistics.median(prep), "forward_gpu_s": statistics.median(fwd),
+            "forward_launch_s": statistics.median(launch), "sample_and_sync_s": statistics.median(samp)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="dummy:llama-7b")
+    ap.add_argument("--batch", default="1,32,128")
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--no-graphs", action="store_true")
+    ap.add_argument("--out", default="benchmarks/results")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    bw = copy_bandwidth()
+    batches = [int(b) for b in args.batch.split(",")]
+    engine = Engine(EngineConfig(model_dir=args.model, max_model_len=max(2048, args.ctx + 16),
+                                 max_batch_size=max(batches), cuda_graphs=not args.no_graphs))
+    s, elt = engine.spec, engine.pool_tensor.element_size()
+    ranks = (64, 32, 16, 8)
+    for i in range(max(batches)):
+        engine.register_adapter(random_adapter(f"a{i}", s, ranks[i % 4], QKVO, engine.dtype, seed=i,
+                                               device="cuda", pin=True))
+    weight_bytes = sum(t.numel() * t.element_size() for lw in engine.runner.w.layers
+                       for t in (lw.qkv, lw.o, lw.gate_up, lw.down, lw.input_norm, lw.post_norm))
+    weight_bytes += engine.runner.w.lm_head.numel() * elt
+    rows = []
+    for b in batches:
+        kv_bytes = b * args.ctx * 2 * s.layers * s.page_width * elt
+        for label, names in (("base", [None] * b), ("lora", [f"a{i}" for i in range(b)])):
+            for graph in ([False, True] if engine.graphs is not None else [False]):
+                reqs = make_requests(engine, b, args.ctx, names)
+                adapter_bytes = sum(engine.adapters.host[n].nbytes for n in set(names) if n is not None)
+                t = time_step(engine, reqs, args.iters, graph)
+                release(engine, reqs)
+                label = f"{label.split('/')[0]}/{'graph' if graph else 'eager'}"
+                floor = (weight_bytes + kv_bytes + adapter_bytes) / bw
+                row = dict(batch=b, mode=label, ctx=args.ctx, **t, floor_s=floor,
+                           forward_over_floor=t["forward_gpu_s"] / floor, adapter_bytes=adapter_bytes,
+                           kv_bytes=kv_bytes, weight_bytes=weight_bytes)
+                rows.append(row)
+                log.info("B=%3d %-10s prepare %.2fms forward(gpu) %.2fms sample+sync %.2fms floor %.2fms -> %.2fx",
+                         b, label, 1e3 * t["prepare_s"], 1e3 * t["forward_gpu_s"], 1e3 * t["sample_and_sync_s"],
+                         1e3 * floor, t["forward_gpu_s"] / floor)
+    engine.shutdown()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"device": torch.cuda.get_device_name(), "copy_bandwidth_Bps": bw, "model": args.model, "rows": rows}
+    (out / "decode_step.json").write_text(json.dumps(report, indent=2))
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s")
+    for r in rows:
+        print(f"B={r['batch']:>4} {r['mode']:<10} prep {1e3 * r['prepare_s']:6.2f}ms "
+              f"fwd {1e3 * r['forward_gpu_s']:6.2f}ms (launch {1e3 * r['forward_launch_s']:6.2f}ms) "
+              f"sample {1e3 * r['sample_and_sync_s']:6.2f}ms floor {1e3 * r['floor_s']:6.2f}ms "
+              f"fwd/floor {r['forward_over_floor']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

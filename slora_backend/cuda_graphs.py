@@ -1,0 +1,153 @@
+"""CUDA graphs for decode steps: the whole forward replayed from static buffers.
+
+A decode step of a 7B model issues ~1,000 kernel launches; from Python that takes longer than
+the GPU needs to run them (docs/DESIGN.md, BENCHMARKS.md). So each decode batch size (rounded
+up to a bucket) is captured once per LoRA rank bucket (and once without LoRA), and a step only
+copies its inputs into the static buffers and replays.
+
+What stays fixed in a graph, and how the step's data fits it:
+* rows: padded to the bucket; padding rows read and write two scratch pages past the
+  allocator's range, use no adapter, and are never sampled.
+* LoRA: one segment per row (so `max_seg_len` = 1, the MBGMV path); the adapter tables have
+  a fixed width (the largest bucket) and `page_ids` the pool's size; `max_rank` is the rank
+  bucket, which sets block shapes: smaller buckets waste fewer lanes.
+* the KV table has `max_model_len` columns; only each row's first `seq_len` are read.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from kernels.lora_batch import LoraBatch
+
+from .adapter_cache import AdapterCache
+from .model_runner import ModelRunner, StepInputs
+from .scheduler import ScheduledStep
+
+log = logging.getLogger(__name__)
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+
+
+def rank_buckets(max_rank: int) -> list[int]:
+    buckets, r = [], 8
+    while r < max_rank:
+        buckets.append(r)
+        r *= 2
+    return buckets + [max_rank]
+
+
+class DecodeGraphs:
+    def __init__(self, runner: ModelRunner, max_batch: int, max_rank: int, scratch_pages: tuple[int, int],
+                 num_pages: int):
+        self.runner = runner
+        self.sizes = [b for b in BATCH_BUCKETS if b < max_batch] + [max_batch]
+        self.ranks = rank_buckets(max_rank)
+        B, L, dev = self.sizes[-1], runner.max_model_len, runner.device
+        self.scratch_k, self.scratch_v = scratch_pages
+        # Static device buffers (views of them are what the graphs read).
+        self.input_ids = torch.zeros(B, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(B, dtype=torch.int64, device=dev)
+        self.k_pages = torch.full((B,), self.scratch_k, dtype=torch.int32, device=dev)
+        self.v_pages = torch.full((B,), self.scratch_v, dtype=torch.int32, device=dev)
+        self.kv_table = torch.zeros(B, L, 2, dtype=torch.int32, device=dev)
+        self.kv_table[..., 0], self.kv_table[..., 1] = self.scratch_k, self.scratch_v
+        self.seq_lens = torch.ones(B, dtype=torch.int32, device=dev)
+        self.last_rows = torch.arange(B, dtype=torch.int64, device=dev)
+        self.seg_starts = torch.arange(B + 1, dtype=torch.int32, device=dev)
+        self.seg_adapter = torch.full((B,), -1, dtype=torch.int32, device=dev)
+        self.lora_ints = torch.zeros(3, 7, B, dtype=torch.int32, device=dev)  # ranks, a_starts, b_starts
+        self.scales = torch.zeros(7, B, dtype=torch.float32, device=dev)
+        self.page_ids = torch.zeros(max(num_pages, 1), dtype=torch.int32, device=dev)
+        # Pinned host staging: one async copy per buffer per step.
+        self.h_rows = torch.zeros(5, B, dtype=torch.int64).pin_memory()  # ids, pos, k, v, seq_len
+        self.h_seg_adapter = torch.zeros(B, dtype=torch.int32).pin_memory()
+        self.h_lora_ints = torch.zeros(3, 7, B, dtype=torch.int32).pin_memory()
+        self.h_scales = torch.zeros(7, B, dtype=torch.float32).pin_memory()
+        self.h_table = torch.zeros(B, L * 2, dtype=torch.int32).pin_memory()
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.mempool = None
+
+    def bucket(self, batch: int) -> int | None:
+        for b in self.sizes:
+            if b >= batch:
+                return b
+        return None
+
+    def _inputs(self, b: int, rank: int) -> StepInputs:
+        lora = None
+        if rank:
+            lora = LoraBatch(seg_starts=self.seg_starts[: b + 1], seg_adapter=self.seg_adapter[:b],
+                             ranks=self.lora_ints[0], scales=self.scales, a_starts=self.lora_ints[1],
+                             b_starts=self.lora_ints[2], page_ids=self.page_ids, max_rank=rank, max_seg_len=1)
+        return StepInputs(prefill=False, input_ids=self.input_ids[:b], positions=self.positions[:b],
+                          k_pages=self.k_pages[:b], v_pages=self.v_pages[:b], last_rows=self.last_rows[:b],
+                          seq_bounds=[], kv_table=self.kv_table[:b], seq_lens=self.seq_lens[:b], lora=lora)
+
+    def capture(self) -> None:
+        t0 = time.monotonic()
+        self.mempool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream()
+        for b in reversed(self.sizes):  # largest first: later graphs reuse its memory
+            for rank in [0, *self.ranks]:
+                inputs = self._inputs(b, rank)
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    for _ in range(2):  # compile the kernels and settle the allocator outside capture
+                        self.runner.forward(inputs)
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.mempool):
+                    logits = self.runner.forward(inputs)
+                self.graphs[(b, rank)] = (graph, logits)
+        torch.cuda.synchronize()
+        log.info("captured %d decode CUDA graphs (batch buckets up to %d, rank buckets %s) in %.1fs",
+                 len(self.graphs), self.sizes[-1], self.ranks, time.monotonic() - t0)
+
+    def run(self, step: ScheduledStep, adapters: AdapterCache) -> torch.Tensor:
+        """Logits (B, vocab) of a decode step, by graph replay."""
+        reqs = step.requests
+        n = len(reqs)
+        b = self.bucket(n)
+        rows = self.h_rows.numpy()
+        rows[:, :b] = ((0,), (0,), (self.scratch_k,), (self.scratch_v,), (1,))
+        max_len = 1
+        table = self.h_table.numpy()
+        for i, r in enumerate(reqs):
+            seq = r.seq_len
+            rows[0, i], rows[1, i] = r.all_ids[-1], seq - 1
+            rows[2, i], rows[3, i], rows[4, i] = r.kv_pages[-2], r.kv_pages[-1], seq
+            table[i, : 2 * seq] = r.kv_pages
+            max_len = max(max_len, seq)
+        h = self.h_rows
+        self.input_ids[:b].copy_(h[0, :b], non_blocking=True)
+        self.positions[:b].copy_(h[1, :b], non_blocking=True)
+        self.k_pages[:b].copy_(h[2, :b], non_blocking=True)
+        self.v_pages[:b].copy_(h[3, :b], non_blocking=True)
+        self.seq_lens[:b].copy_(h[4, :b], non_blocking=True)
+        self.kv_table.view(self.kv_table.shape[0], -1)[:n, : 2 * max_len].copy_(
+            self.h_table[:n, : 2 * max_len], non_blocking=True)
+        if n < b:  # padding rows: one scratch token each
+            self.kv_table[n:b, 0, 0], self.kv_table[n:b, 0, 1] = self.scratch_k, self.scratch_v
+        rank = 0
+        if any(r.adapter is not None for r in reqs):
+            tables = adapters.lora_tables([r.adapter for r in reqs])
+            rank = next(r for r in self.ranks if r >= tables.max_rank)
+            a = len(tables.names)
+            seg = self.h_seg_adapter.numpy()
+            seg[:b] = -1
+            seg[:n] = tables.seg_adapter
+            ints = self.h_lora_ints.numpy()
+            ints[:] = 0
+            ints[0, :, :a], ints[1, :, :a], ints[2, :, :a] = tables.ranks, tables.a_starts, tables.b_starts
+            self.h_scales.numpy()[:, :a] = tables.scales
+            self.seg_adapter[:b].copy_(self.h_seg_adapter[:b], non_blocking=True)
+            self.lora_ints.copy_(self.h_lora_ints, non_blocking=True)
+            self.scales.copy_(self.h_scales, non_blocking=True)
+            torch.cat(tables.page_id_parts, out=self.page_ids[: tables.total_pages])
+        graph, logits = self.graphs[(b, rank)]
+        graph.replay()
+        return logits[:n]
