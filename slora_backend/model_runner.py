@@ -70,6 +70,7 @@ class ModelRunner:
                  max_model_len: int):
         self.spec, self.w, self.pool, self.ops = spec, weights, pool, ops
         self.device, self.dtype = pool.device, pool.dtype
+        self.max_model_len = max_model_len
         inv = rope_inv_freq(spec)
         freqs = torch.outer(torch.arange(max_model_len, dtype=torch.float32), inv)
         emb = torch.cat((freqs, freqs), dim=-1)

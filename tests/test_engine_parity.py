@@ -13,6 +13,8 @@ from engine_utils import greedy, run_batch, tokens_of
 from tiny_model import build_adapter, build_tiny_model, hf_peft_greedy
 
 from slora_backend.config import EngineConfig
+from slora_backend.cuda_graphs import DecodeGraphs
+from slora_backend.page_pool import PageUse
 from slora_backend.engine import Engine
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -58,6 +60,25 @@ def test_batched_greedy_matches_hf_peft(setup, backend):
             assert tokens_of(outs) == refs[i], f"request {i} adapter {names[i]}"
         # Several requests shared a step: the batch really mixed adapters.
         assert engine.steps < len(jobs) * NEW_TOKENS
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_static_decode_buffers_match_hf_peft(setup, backend):
+    """The CUDA-graph decode path (static padded buffers, one segment per row, fixed-width
+    adapter tables, rank buckets) run eagerly on CPU: same tokens as HF+PEFT."""
+    model, adapters, prompts, names, refs = setup
+    engine = Engine(EngineConfig(model_dir=str(model), adapter_dir=str(adapters), kernel_backend=backend,
+                                 pool_pages=3000, max_batch_size=12, max_rank=64))
+    try:
+        scratch = engine.pool.alloc(2, PageUse.KV)  # never handed out again: the padding pages
+        engine.graphs = DecodeGraphs(engine.runner, 12, 64, tuple(scratch), engine.pool.num_pages)
+        jobs = [dict(prompt_ids=prompts[i], adapter=name, params=greedy(NEW_TOKENS))
+                for i, name in enumerate(names)]
+        for i, outs in enumerate(run_batch(engine, jobs)):
+            assert tokens_of(outs) == refs[i], f"request {i} adapter {names[i]}"
+        assert engine.graphs.bucket(7) == 8 and engine.graphs.bucket(9) == 12 and engine.graphs.bucket(13) is None
     finally:
         engine.shutdown()
 
