@@ -1,0 +1,132 @@
+"""Multi-adapter LoRA for one projection group: shrink + expand, two launches in all."""
+
+import functools
+from dataclasses import dataclass, replace
+
+import torch
+import triton
+
+from .lora_expand import lora_expand
+from .lora_shrink import lora_shrink
+
+# Segments this short are decode-like: per-row broadcast-multiply (MBGMV) beats padding
+# them to the 16-row minimum of tl.dot (MBGMM).
+GMV_MAX_SEG_LEN = 4
+
+
+@dataclass(frozen=True)
+class LoraLaunchConfig:
+    block_m: int          # rows per program (1 on the MBGMV path)
+    block_r: int          # shrink: ranks per program
+    block_k: int          # shrink: input columns per step
+    block_r_expand: int   # expand: covers the largest rank, loaded once per program
+    block_n: int          # expand: output columns per step
+    n_iters: int          # expand: column blocks per program
+    use_dot: bool
+    ieee: bool
+    shrink_warps: int
+    expand_warps: int
+    split_k: int = 1
+    k_per_split: int = 0  # columns of x per split, a multiple of block_k: use with_split_k
+
+    def with_split_k(self, in_width: int, split_k: int) -> "LoraLaunchConfig":
+        k_blocks = triton.cdiv(in_width, self.block_k)
+        per_split = triton.cdiv(k_blocks, max(1, min(split_k, k_blocks))) * self.block_k
+        return replace(self, split_k=triton.cdiv(in_width, per_split), k_per_split=per_split)
+
+
+def _page_block(page_width: int, cap: int) -> int:
+    """Largest power of two <= cap that divides the page, so a block stays in one page.
+
+    Pages whose power-of-two factor is below 16 (never for real head dims) get a 32-wide
+    block; the kernels then look up the page of every element instead of every block.
+    """
+    block = min(page_width & -page_width, cap)
+    return block if block >= 16 else min(32, cap)
+
+
+def pick_config(max_seg_len: int, max_rank: int, page_width: int, in_width: int,
+                dtype) -> LoraLaunchConfig:
+    """Block shapes for the step (swept on an H200, Llama-3-8B q/k/v, ranks 8..64); K is
+    not split here (see pick_split_k)."""
+    ieee = dtype == torch.float32
+    rank_pow2 = triton.next_power_of_2(max_rank)
+    if max_seg_len <= GMV_MAX_SEG_LEN:
+        block_r_expand = max(8, rank_pow2)
+        cfg = LoraLaunchConfig(
+            # Small rank blocks: more programs, and rank-8 adapters next to rank-64 ones
+            # do not idle three quarters of their lanes.
+            block_m=1, block_r=max(8, min(16, rank_pow2)), block_k=_page_block(page_width, 256),
+            block_r_expand=block_r_expand,
+            block_n=_page_block(page_width, min(256, max(32, 16384 // block_r_expand))),
+            n_iters=2, use_dot=False, ieee=ieee, shrink_warps=2, expand_warps=2)
+        return cfg.with_split_k(in_width, 1)
+    block_m = min(max(triton.next_power_of_2(max_seg_len), 16), 64)
+    cfg = LoraLaunchConfig(
+        block_m=block_m, block_r=min(max(16, rank_pow2), 64), block_k=_page_block(page_width, 128),
+        block_r_expand=max(16, rank_pow2), block_n=_page_block(page_width, 64), n_iters=4,
+        use_dot=True, ieee=ieee, shrink_warps=4, expand_warps=8)
+    return cfg.with_split_k(in_width, 1)
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def pick_split_k(cfg, batch, n_mod: int, in_width: int, device) -> int:
+    """Split K into parts of >= ~1K columns while the shrink grid is under 16 programs/SM
+    (the kernels are latency bound: more programs in flight hide the page-table loads)."""
+    if device.type != "cuda":
+        return 1
+    programs = (batch.seg_adapter.shape[0] * triton.cdiv(batch.max_seg_len, cfg.block_m)
+                * n_mod * triton.cdiv(batch.max_rank, cfg.block_r))
+    target = 16 * _sm_count(device.index if device.index is not None else 0)
+    return max(1, min(triton.cdiv(target, programs), triton.cdiv(in_width, 1024), 16))
+
+
+_group_tables: dict = {}
+
+
+def _group_table(module_ids, out_offsets, widths, device) -> torch.Tensor:
+    # A handful of distinct groups per model: build each once so that a step does no
+    # host-to-device copies (and stays CUDA-graph capturable).
+    key = (tuple(module_ids), tuple(out_offsets), tuple(widths), str(device))
+    table = _group_tables.get(key)
+    if table is None:
+        rows = [[m, o, w] for m, o, w in zip(module_ids, out_offsets, widths, strict=True)]
+        table = torch.tensor(rows, dtype=torch.int32, device=device)
+        _group_tables[key] = table
+    return table
+
+
+def lora_apply(x, y, pool_layer, batch, module_ids, out_offsets):
+    """y[:, off_i : off_i + out_i] += scale * (x A_i^T) B_i^T per segment; y updated in place.
+
+    x: (T, in), y: (T, sum out_i), pool_layer: (N, P); module_ids index MODULES, out_offsets
+    give each module's first column in y (widths follow from the next offset / y's width).
+    """
+    if batch.max_rank == 0 or x.shape[0] == 0:
+        return y
+    page_width = pool_layer.shape[1]
+    assert pool_layer.stride() == (page_width, 1), "pool_layer must have contiguous pages"
+    assert x.stride(1) == 1 and y.stride(1) == 1, "x and y need unit column stride"
+    assert x.dtype == pool_layer.dtype, "x and the pool must share the model dtype"
+    assert x.shape[0] == y.shape[0] and len(module_ids) == len(out_offsets)
+    bounds = (*out_offsets[1:], y.shape[1])
+    widths = [end - off for off, end in zip(out_offsets, bounds, strict=True)]
+    group = _group_table(module_ids, out_offsets, widths, x.device)
+
+    cfg = pick_config(batch.max_seg_len, batch.max_rank, page_width, x.shape[1], x.dtype)
+    split_k = pick_split_k(cfg, batch, len(module_ids), x.shape[1], x.device)
+    cfg = cfg.with_split_k(x.shape[1], split_k)
+    return run_lora(x, y, pool_layer, batch, group, max(widths), cfg)
+
+
+def run_lora(x, y, pool_layer, batch, group, max_width, cfg):
+    """The two launches with an explicit configuration (tests force paths and splits)."""
+    tmp = torch.empty((cfg.split_k, x.shape[0], group.shape[0], batch.max_rank),
+                      dtype=torch.float32, device=x.device)
+    lora_shrink(x, tmp, pool_layer, batch, group, cfg)
+    lora_expand(y, tmp, pool_layer, batch, group, max_width, cfg)
+    return y

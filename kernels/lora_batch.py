@@ -1,0 +1,20 @@
+"""Per-step LoRA metadata shared by the engine and the kernels (see docs/DESIGN.md)."""
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class LoraBatch:
+    seg_starts: Tensor   # (S+1,) int32: segment s covers rows [seg_starts[s], seg_starts[s+1])
+    seg_adapter: Tensor  # (S,) int32: index a into the step's adapter list; -1 = base model only
+    ranks: Tensor        # (7, A) int32: rank of adapter a on module m; 0 = not targeted
+    scales: Tensor       # (7, A) float32: lora_alpha / r (or / sqrt(r) for rsLoRA)
+    a_starts: Tensor     # (7, A) int32: offset into page_ids of module m's A rows
+    b_starts: Tensor     # (7, A) int32: offset into page_ids of module m's B^T rows
+    page_ids: Tensor     # (total,) int32
+    max_rank: int        # largest rank in the step (host int)
+    max_seg_len: int     # longest segment (host int): 1 in a pure decode step

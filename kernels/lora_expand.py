@@ -1,0 +1,121 @@
+"""LoRA expand: y[t, off_i + n] += scale * tmp[t, i, :r] @ B^T_{m_i, a}[:r, n], B^T rows paged.
+
+Each (row, column) of y belongs to exactly one program, so the update needs no atomics.
+Program grid: axis 0 = (segment, row block), axis 1 = (module slot, column range). A
+program loads its rows' whole rank vector once (BLOCK_R >= max rank) and then walks its
+column range block by block, so tmp is read once per range rather than once per block.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _lora_expand_kernel(
+    y_ptr, y_stride,          # (T, sum of out widths) model dtype, unit column stride
+    tmp_ptr,                  # (SPLIT_K, T, NMOD, R_MAX) fp32 partial sums, contiguous
+    pool_ptr,                 # (N, P) model dtype, contiguous rows
+    seg_starts_ptr,           # (S+1,) int32
+    seg_adapter_ptr,          # (S,) int32
+    ranks_ptr,                # (7, A) int32
+    scales_ptr,               # (7, A) fp32
+    b_starts_ptr,             # (7, A) int32
+    page_ids_ptr,             # (total,) int32
+    group_ptr,                # (NMOD, 3) int32: module index, out offset, out width
+    num_adapters, R_MAX, m_blocks, n_progs, cols_per_prog, split_k, split_stride,
+    NMOD: tl.constexpr, P: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    ALIGNED: tl.constexpr,    # BLOCK_N divides P: one page per (row, block), else per element
+    USE_DOT: tl.constexpr,    # MBGMM (tensor cores) vs MBGMV (BLOCK_M == 1, multiply + sum)
+    IEEE: tl.constexpr,       # fp32 model: keep full precision instead of tf32
+):
+    pid0 = tl.program_id(0)
+    pid1 = tl.program_id(1)
+    seg = pid0 // m_blocks
+    slot = pid1 // n_progs
+    adapter = tl.load(seg_adapter_ptr + seg)
+    if adapter < 0:
+        return
+    row0 = tl.load(seg_starts_ptr + seg) + (pid0 % m_blocks) * BLOCK_M
+    row_end = tl.load(seg_starts_ptr + seg + 1)
+    if row0 >= row_end:
+        return
+    module = tl.load(group_ptr + slot * 3)
+    out_off = tl.load(group_ptr + slot * 3 + 1)
+    width = tl.load(group_ptr + slot * 3 + 2)
+    n_begin = (pid1 % n_progs) * cols_per_prog
+    if n_begin >= width:
+        return
+    rank = tl.load(ranks_ptr + module * num_adapters + adapter)
+    if rank == 0:
+        return
+    b_start = tl.load(b_starts_ptr + module * num_adapters + adapter)
+    scale = tl.load(scales_ptr + module * num_adapters + adapter)
+    n_chunks = tl.cdiv(width, P)
+
+    offs_m = row0 + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < row_end
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < rank
+    # Masked loads also shield us from the never-written (uninitialised) tmp entries.
+    t_ptrs = tmp_ptr + (offs_m[:, None] * NMOD + slot) * R_MAX + offs_r[None, :]
+    t_mask = m_mask[:, None] & r_mask[None, :]
+    t = tl.load(t_ptrs, mask=t_mask, other=0.0)
+    for k_split in range(1, split_k):
+        t += tl.load(t_ptrs + k_split * split_stride, mask=t_mask, other=0.0)
+    t = t * scale
+    if USE_DOT:
+        if not IEEE:
+            # Half-precision intermediate, like the base GEMMs: full tensor-core rate.
+            t = t.to(pool_ptr.dtype.element_ty)
+    else:
+        t_col = tl.trans(t)  # (BLOCK_R, 1): one row's rank vector against B^T's rows
+    row_pages = b_start + offs_r * n_chunks  # page-table slot of each B^T row's chunk 0
+    arange_n = tl.arange(0, BLOCK_N)
+
+    for n0 in range(n_begin, tl.minimum(n_begin + cols_per_prog, width), BLOCK_N):
+        offs_n = n0 + arange_n
+        n_mask = offs_n < width
+        b_mask = r_mask[:, None] & n_mask[None, :]
+        if ALIGNED:
+            page = tl.load(page_ids_ptr + row_pages + n0 // P, mask=r_mask, other=0)
+            b_ptrs = pool_ptr + page.to(tl.int64)[:, None] * P + (n0 % P + arange_n)[None, :]
+        else:
+            page = tl.load(page_ids_ptr + row_pages[:, None] + (offs_n // P)[None, :],
+                           mask=b_mask, other=0)
+            b_ptrs = pool_ptr + page.to(tl.int64) * P + (offs_n % P)[None, :]
+        b = tl.load(b_ptrs, mask=b_mask, other=0.0)  # (BLOCK_R, BLOCK_N), contiguous along N
+        if USE_DOT:
+            if IEEE:
+                delta = tl.dot(t, b, input_precision="ieee")
+            else:
+                delta = tl.dot(t, b)
+        else:
+            delta = tl.sum(t_col * b.to(tl.float32), axis=0)[None, :]
+        y_ptrs = y_ptr + offs_m[:, None] * y_stride + out_off + offs_n[None, :]
+        y_mask = m_mask[:, None] & n_mask[None, :]
+        y_old = tl.load(y_ptrs, mask=y_mask, other=0.0)
+        tl.store(y_ptrs, (y_old.to(tl.float32) + delta).to(y_ptr.dtype.element_ty), mask=y_mask)
+
+
+def lora_expand(y, tmp, pool_layer, batch, group, max_width, cfg):
+    """Add the scaled LoRA delta of every module slot into its column slice of y."""
+    num_seg = batch.seg_adapter.shape[0]
+    split_k, n_rows, nmod, max_rank = tmp.shape
+    assert cfg.block_r_expand >= max_rank and (cfg.use_dot or cfg.block_m == 1)
+    m_blocks = triton.cdiv(batch.max_seg_len, cfg.block_m)
+    cols_per_prog = cfg.block_n * cfg.n_iters
+    n_progs = triton.cdiv(max_width, cols_per_prog)
+    grid = (num_seg * m_blocks, nmod * n_progs)
+    _lora_expand_kernel[grid](
+        y, y.stride(0), tmp, pool_layer,
+        batch.seg_starts, batch.seg_adapter, batch.ranks, batch.scales, batch.b_starts,
+        batch.page_ids, group,
+        batch.ranks.shape[1], max_rank, m_blocks, n_progs, cols_per_prog, split_k,
+        n_rows * nmod * max_rank,
+        NMOD=nmod, P=pool_layer.shape[1],
+        BLOCK_M=cfg.block_m, BLOCK_R=cfg.block_r_expand, BLOCK_N=cfg.block_n,
+        ALIGNED=pool_layer.shape[1] % cfg.block_n == 0,
+        USE_DOT=cfg.use_dot, IEEE=cfg.ieee,
+        num_warps=cfg.expand_warps,
+    )

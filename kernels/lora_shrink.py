@@ -1,0 +1,114 @@
+"""LoRA shrink: tmp[k, t, i, :r] = x[t, Kslice_k] @ A_{m_i, a}[:, Kslice_k]^T, A paged.
+
+One launch covers every segment and every module of a projection group (modules sharing x).
+Program grid: axis 0 = (segment, row block), axis 1 = (module slot, rank block), axis 2 =
+K split. A decode step has too few (segment, module) pairs to fill a GPU while each would
+walk the whole hidden size alone, so K is split; the partial sums land in separate tmp
+planes that the expand kernel adds up: deterministic, no atomics, no zero-fill.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _lora_shrink_kernel(
+    x_ptr, x_stride,          # (T, K) model dtype, unit column stride
+    tmp_ptr,                  # (SPLIT_K, T, NMOD, R_MAX) fp32, contiguous
+    pool_ptr,                 # (N, P) model dtype, contiguous rows
+    seg_starts_ptr,           # (S+1,) int32
+    seg_adapter_ptr,          # (S,) int32
+    ranks_ptr,                # (7, A) int32
+    a_starts_ptr,             # (7, A) int32
+    page_ids_ptr,             # (total,) int32
+    group_ptr,                # (NMOD, 3) int32: module index, out offset, out width
+    num_adapters, K, R_MAX, m_blocks, r_blocks, k_per_split, split_stride,
+    NMOD: tl.constexpr, P: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    ALIGNED: tl.constexpr,    # BLOCK_K divides P: one page per (row, block), else per element
+    USE_DOT: tl.constexpr,    # MBGMM (tensor cores) vs MBGMV (BLOCK_M == 1, multiply + sum)
+    IEEE: tl.constexpr,       # fp32 model: keep full precision instead of tf32
+):
+    pid0 = tl.program_id(0)
+    pid1 = tl.program_id(1)
+    k_split = tl.program_id(2)
+    seg = pid0 // m_blocks
+    slot = pid1 // r_blocks
+    adapter = tl.load(seg_adapter_ptr + seg)
+    if adapter < 0:
+        return
+    row0 = tl.load(seg_starts_ptr + seg) + (pid0 % m_blocks) * BLOCK_M
+    row_end = tl.load(seg_starts_ptr + seg + 1)
+    if row0 >= row_end:
+        return
+    module = tl.load(group_ptr + slot * 3)
+    rank = tl.load(ranks_ptr + module * num_adapters + adapter)
+    r0 = (pid1 % r_blocks) * BLOCK_R
+    if r0 >= rank:
+        return
+    a_start = tl.load(a_starts_ptr + module * num_adapters + adapter)
+    n_chunks = tl.cdiv(K, P)
+
+    offs_m = row0 + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < row_end
+    offs_r = r0 + tl.arange(0, BLOCK_R)
+    r_mask = offs_r < rank
+    offs_k = tl.arange(0, BLOCK_K)
+    row_pages = a_start + offs_r * n_chunks  # page-table slot of each A row's chunk 0
+
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    k_begin = k_split * k_per_split
+    for k0 in range(k_begin, tl.minimum(k_begin + k_per_split, K), BLOCK_K):
+        cols = k0 + offs_k
+        k_mask = cols < K
+        x = tl.load(x_ptr + offs_m[:, None] * x_stride + cols[None, :],
+                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        a_mask = r_mask[:, None] & k_mask[None, :]
+        if ALIGNED:
+            page = tl.load(page_ids_ptr + row_pages + k0 // P, mask=r_mask, other=0)
+            a_ptrs = pool_ptr + page.to(tl.int64)[:, None] * P + (k0 % P + offs_k)[None, :]
+        else:
+            page = tl.load(page_ids_ptr + row_pages[:, None] + (cols // P)[None, :],
+                           mask=a_mask, other=0)
+            a_ptrs = pool_ptr + page.to(tl.int64) * P + (cols % P)[None, :]
+        a = tl.load(a_ptrs, mask=a_mask, other=0.0)  # (BLOCK_R, BLOCK_K), contiguous along K
+        if USE_DOT:
+            if IEEE:
+                acc += tl.dot(x, tl.trans(a), input_precision="ieee")
+            else:
+                acc += tl.dot(x, tl.trans(a))
+        else:
+            # One row (BLOCK_M == 1): x (1, BLOCK_K) broadcasts over A's rows, a 2-D reduce.
+            acc += tl.sum(a.to(tl.float32) * x.to(tl.float32), axis=1)[None, :]
+
+    tmp_ptrs = (tmp_ptr + k_split * split_stride
+                + (offs_m[:, None] * NMOD + slot) * R_MAX + offs_r[None, :])
+    tl.store(tmp_ptrs, acc, mask=m_mask[:, None] & r_mask[None, :])
+
+
+def lora_shrink(x, tmp, pool_layer, batch, group, cfg):
+    """Fill tmp (cfg.split_k, T, NMOD, max_rank) fp32 for the rows and ranks that have LoRA.
+
+    Entries of rows without an adapter or beyond a module's rank are left untouched: the
+    expand kernel never reads them. `group` is the (NMOD, 3) int32 table from lora.py,
+    `cfg` the block configuration chosen there.
+    """
+    num_seg = batch.seg_adapter.shape[0]
+    split_k, n_rows, nmod, max_rank = tmp.shape
+    in_width = x.shape[1]
+    assert split_k == cfg.split_k and n_rows == x.shape[0]
+    assert cfg.use_dot or cfg.block_m == 1
+    m_blocks = triton.cdiv(batch.max_seg_len, cfg.block_m)
+    r_blocks = triton.cdiv(max_rank, cfg.block_r)
+    grid = (num_seg * m_blocks, nmod * r_blocks, split_k)
+    _lora_shrink_kernel[grid](
+        x, x.stride(0), tmp, pool_layer,
+        batch.seg_starts, batch.seg_adapter, batch.ranks, batch.a_starts, batch.page_ids, group,
+        batch.ranks.shape[1], in_width, max_rank, m_blocks, r_blocks,
+        cfg.k_per_split, n_rows * nmod * max_rank,
+        NMOD=nmod, P=pool_layer.shape[1],
+        BLOCK_M=cfg.block_m, BLOCK_R=cfg.block_r, BLOCK_K=cfg.block_k,
+        ALIGNED=pool_layer.shape[1] % cfg.block_k == 0,
+        USE_DOT=cfg.use_dot, IEEE=cfg.ieee,
+        num_warps=cfg.shrink_warps,
+    )
