@@ -14,8 +14,8 @@ from tiny_model import build_adapter, build_tiny_model, hf_peft_greedy
 
 from slora_backend.config import EngineConfig
 from slora_backend.cuda_graphs import DecodeGraphs
-from slora_backend.page_pool import PageUse
 from slora_backend.engine import Engine
+from slora_backend.page_pool import PageUse
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ADAPTERS = {

@@ -1,0 +1,323 @@
+"""Triton Python-backend model `slora`: a thin adapter between tritonserver and the engine.
+
+Data flow: `execute()` parses and validates each request (slora_backend.triton_io), hands it
+to the engine with a callback and returns at once (decoupled model). The engine thread calls
+the callback with each new piece; the callback only queues it. One response thread drains
+that queue into the requests' response senders, checks for client cancellation, and keeps
+the metrics up to date. Every request ends with exactly one response carrying the FINAL flag
+(an error response for failures), so clients never hang.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+def _repo_root() -> Path:
+    # SLORA_REPO_ROOT for a model repository copied away from the checkout; else this file
+    # lies at <repo>/model_repository/slora/1/model.py (symlinks resolved).
+    env = os.environ.get("SLORA_REPO_ROOT")
+    return Path(env).resolve() if env else Path(__file__).resolve().parents[3]
+
+
+def _extend_sys_path(root: Path) -> None:
+    # The stub's embedded interpreter does not read PYTHONPATH (seen with tritonserver 2.51):
+    # add the repository and what PYTHONPATH names, after the interpreter's own paths.
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    for p in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+        if p and p not in sys.path:
+            sys.path.append(p)
+
+
+REPO_ROOT = _repo_root()
+_extend_sys_path(REPO_ROOT)
+
+from slora_backend import triton_io  # noqa: E402
+from slora_backend.request import FinishReason, RequestError, RequestOutput  # noqa: E402
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+CANCEL_POLL_S = 0.2  # how often live requests are checked for client cancellation
+STATS_POLL_S = 0.5  # how often engine.stats() refreshes the gauges
+LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
+
+
+class _Live:
+    """Response-side state of one request."""
+
+    __slots__ = ("sender", "label", "stream", "arrival", "request_id", "first_token",
+                 "completion", "done")
+
+    def __init__(self, sender, label: str, stream: bool, arrival: float):
+        self.sender = sender
+        self.label = label
+        self.stream = stream
+        self.arrival = arrival
+        self.request_id: int | None = None
+        self.first_token = False
+        self.completion = triton_io.Completion()
+        self.done = False
+
+
+class _Metrics:
+    """Custom metrics on Triton's metrics port. Families must outlive their metrics."""
+
+    def __init__(self):
+        fam = pb_utils.MetricFamily
+        self.f_requests = fam("slora_requests_total", "Requests received, by adapter", fam.COUNTER)
+        self.f_tokens = fam("slora_generated_tokens_total", "Tokens generated, by adapter",
+                            fam.COUNTER)
+        self.f_errors = fam("slora_request_errors_total", "Requests that failed, by adapter",
+                            fam.COUNTER)
+        self.f_ttft = fam("slora_first_token_latency_seconds",
+                          "From execute() to the first generated token, by adapter", fam.HISTOGRAM)
+        self.f_pages = fam("slora_pool_pages", "Unified pool pages by use (free, kv, adapter)",
+                           fam.GAUGE)
+        self.f_capacity = fam("slora_pool_capacity_pages", "Pages in the unified pool", fam.GAUGE)
+        self.f_adapters = fam("slora_adapters", "Adapters known (registered) and resident on "
+                              "the device (resident)", fam.GAUGE)
+        self.f_loads = fam("slora_adapter_loads_total", "Adapter loads into the pool", fam.COUNTER)
+        self.f_evictions = fam("slora_adapter_evictions_total", "Adapter evictions from the pool",
+                               fam.COUNTER)
+        self.f_queue = fam("slora_requests", "Engine requests by state (waiting, running)",
+                           fam.GAUGE)
+        self._labels = triton_io.AdapterLabels()
+        self._per_adapter: dict[str, tuple] = {}
+        self._lock = threading.Lock()  # execute() and the response thread both create metrics
+        self.pages = {use: self.f_pages.Metric(labels={"use": use})
+                      for use in ("free", "kv", "adapter")}
+        self.capacity = self.f_capacity.Metric(labels={})
+        self.adapters = {k: self.f_adapters.Metric(labels={"state": k})
+                         for k in ("registered", "resident")}
+        self.loads = self.f_loads.Metric(labels={})
+        self.evictions = self.f_evictions.Metric(labels={})
+        self.queue = {k: self.f_queue.Metric(labels={"state": k}) for k in ("waiting", "running")}
+        self._last_loads = 0
+        self._last_evictions = 0
+
+    def label(self, adapter: str | None) -> str:
+        with self._lock:
+            return self._labels(adapter)
+
+    def adapter(self, label: str) -> tuple:
+        """(requests, tokens, errors, first-token histogram) metrics of one adapter label."""
+        with self._lock:
+            m = self._per_adapter.get(label)
+            if m is None:
+                labels = {"adapter": label}
+                m = (self.f_requests.Metric(labels=labels), self.f_tokens.Metric(labels=labels),
+                     self.f_errors.Metric(labels=labels),
+                     self.f_ttft.Metric(labels=labels, buckets=LATENCY_BUCKETS))
+                self._per_adapter[label] = m
+            return m
+
+    def update(self, stats: dict) -> None:
+        pool, adapters, requests = stats["pool"], stats["adapters"], stats["requests"]
+        self.pages["free"].set(pool["pages_free"])
+        self.pages["kv"].set(pool["pages_kv"])
+        self.pages["adapter"].set(pool["pages_adapter"])
+        self.capacity.set(pool["pages_total"])
+        self.adapters["registered"].set(adapters["registered"])
+        self.adapters["resident"].set(adapters["resident"])
+        # The engine reports running totals; counters only move forward by the difference.
+        if adapters["loads"] > self._last_loads:
+            self.loads.increment(adapters["loads"] - self._last_loads)
+            self._last_loads = adapters["loads"]
+        if adapters["evictions"] > self._last_evictions:
+            self.evictions.increment(adapters["evictions"] - self._last_evictions)
+            self._last_evictions = adapters["evictions"]
+        self.queue["waiting"].set(requests["waiting"])
+        self.queue["running"].set(requests["running"])
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        """Build the engine from config.pbtxt parameters and start the response thread."""
+        self.log = pb_utils.Logger
+        if int(np.__version__.split(".")[0]) >= 2:
+            # The 2.51 stub's pybind11 misreads numpy 2 dtypes: every BYTES tensor is corrupted.
+            raise RuntimeError(
+                f"the Python-backend stub loaded numpy {np.__version__} from {np.__file__}; "
+                "it needs numpy < 2. Put the environment's bin directory first on PATH "
+                "(the stub takes its site-packages from the python3 found there).")
+        from slora_backend.config import EngineConfig
+        from slora_backend.engine import Engine
+
+        model_config = json.loads(args["model_config"])
+        params = triton_io.engine_parameters(model_config, REPO_ROOT)
+        self.log.log_info(f"slora: engine parameters {params}")
+        self.engine = Engine(EngineConfig.from_parameters(params))
+        self.metrics = _Metrics()
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._live: dict[int, _Live] = {}  # id(_Live) -> state, for cancellation and shutdown
+        self._live_lock = threading.Lock()
+        self._thread = threading.Thread(target=self._respond_loop, name="slora-responses",
+                                        daemon=True)
+        self._thread.start()
+        self.log.log_info("slora: ready")
+
+    def execute(self, requests: list) -> None:
+        """Validate each request and hand it to the engine; responses flow from the thread."""
+        arrival = time.monotonic()
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                parsed = triton_io.parse_request(
+                    lambda name, r=request: _input(r, name), request.parameters())
+            except RequestError as e:
+                self._reject(sender, None, str(e))
+                continue
+            except Exception as e:  # never let one bad request take the model down
+                self.log.log_error(f"slora: parsing a request failed: {e!r}")
+                self._reject(sender, None, f"invalid request: {e}")
+                continue
+            label = self.metrics.label(parsed.adapter)
+            live = _Live(sender, label, parsed.stream, arrival)
+            with self._live_lock:
+                self._live[id(live)] = live
+            try:
+                live.request_id = self.engine.submit(
+                    **parsed.submit_kwargs(), on_output=lambda out, s=live: self._queue.put((s, out)))
+            except Exception as e:
+                with self._live_lock:
+                    self._live.pop(id(live), None)
+                if not isinstance(e, RequestError):
+                    self.log.log_error(f"slora: submit failed: {e!r}")
+                self._reject(sender, parsed.adapter, str(e))
+                continue
+            self.metrics.adapter(label)[0].increment(1)
+        return None
+
+    def finalize(self) -> None:
+        """Stop the engine (it fails what is in flight) and send every request its FINAL."""
+        self.log.log_info("slora: finalize")
+        self.engine.shutdown()
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+        with self._live_lock:
+            left = list(self._live.values())
+            self._live.clear()
+        for live in left:
+            if not live.done:
+                self._send_error(live, "the model is being unloaded")
+
+    # -- helpers -------------------------------------------------------------------------
+    def _reject(self, sender, adapter: str | None, message: str) -> None:
+        label = self.metrics.label(adapter)
+        requests, _, errors, _ = self.metrics.adapter(label)
+        requests.increment(1)
+        errors.increment(1)
+        try:
+            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)),
+                        flags=FINAL)
+        except Exception as e:
+            self.log.log_warn(f"slora: could not send an error response: {e!r}")
+
+    def _send_error(self, live: _Live, message: str) -> None:
+        live.done = True
+        self.metrics.adapter(live.label)[2].increment(1)
+        try:
+            live.sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)),
+                             flags=FINAL)
+        except Exception as e:
+            self.log.log_warn(f"slora: could not send an error response: {e!r}")
+
+    def _respond_loop(self) -> None:
+        next_cancel_check = next_stats = 0.0
+        while True:
+            try:
+                item = self._queue.get(timeout=CANCEL_POLL_S)
+            except queue.Empty:
+                item = ()
+            if item is None:
+                self._drain()
+                return
+            try:
+                if item:
+                    self._deliver(*item)
+                now = time.monotonic()
+                if now >= next_cancel_check:
+                    next_cancel_check = now + CANCEL_POLL_S
+                    self._check_cancelled()
+                if now >= next_stats:
+                    next_stats = now + STATS_POLL_S
+                    self.metrics.update(self.engine.stats())
+            except Exception as e:  # the response thread must survive anything
+                self.log.log_error(f"slora: response thread: {e!r}")
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if item:
+                try:
+                    self._deliver(*item)
+                except Exception as e:
+                    self.log.log_error(f"slora: response thread: {e!r}")
+
+    def _deliver(self, live: _Live, out: RequestOutput) -> None:
+        if live.done:
+            return
+        _, tokens, _, ttft = self.metrics.adapter(live.label)
+        if out.token_ids:
+            tokens.increment(len(out.token_ids))
+            if not live.first_token:
+                live.first_token = True
+                ttft.observe(time.monotonic() - live.arrival)
+        if out.finished:
+            live.done = True
+            with self._live_lock:
+                self._live.pop(id(live), None)
+        if out.error is not None:
+            self._send_error(live, out.error)
+            return
+        if not live.stream:
+            live.completion.add(out)
+            if out.finished:
+                self._send(live, live.completion.arrays(_reason(out)), FINAL)
+            return
+        if out.finished:
+            self._send(live, triton_io.output_arrays(out.text, out.token_ids, _reason(out)), FINAL)
+        elif out.text or out.token_ids:
+            self._send(live, triton_io.output_arrays(out.text, out.token_ids), 0)
+
+    def _send(self, live: _Live, arrays: dict, flags: int) -> None:
+        tensors = [pb_utils.Tensor(name, value) for name, value in arrays.items()]
+        try:
+            live.sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=flags)
+        except Exception as e:  # the client may be gone; the engine learns it by cancellation
+            self.log.log_warn(f"slora: sending a response failed: {e!r}")
+
+    def _check_cancelled(self) -> None:
+        with self._live_lock:
+            live = [s for s in self._live.values() if s.request_id is not None and not s.done]
+        for s in live:
+            try:
+                cancelled = s.sender.is_cancelled()
+            except Exception:
+                cancelled = True
+            if cancelled:
+                self.engine.cancel(s.request_id)
+
+
+def _input(request, name: str):
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else tensor.as_numpy()
+
+
+def _reason(out: RequestOutput) -> str:
+    reason = out.finish_reason
+    if reason is None:
+        return FinishReason.STOP.value
+    return reason.value if isinstance(reason, FinishReason) else str(reason)

@@ -1,0 +1,212 @@
+"""Run the real tritonserver on free loopback ports for tests (and scripts).
+
+`TritonServer` copies nothing heavy: it builds a model repository in a scratch directory
+whose `slora/config.pbtxt` is the checked-in one with some parameters replaced, and whose
+`slora/1/model.py` is a symlink to the checked-in model (model.py finds the repository root
+through the symlink). The server runs in its own process group, logs to a file, and is
+stopped with SIGTERM, then SIGKILL after a grace period (a tritonserver with a dead stub or
+a vanished streaming client has been seen ignoring SIGTERM).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from slora_backend.triton_env import install_stub, triton_env  # noqa: E402
+
+MODEL_NAME = "slora"
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: no proxies
+SOURCE_MODEL = REPO_ROOT / "model_repository" / MODEL_NAME
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_model_repository(dst: str | os.PathLike, parameters: dict[str, str] | None = None,
+                           config_text: str | None = None) -> Path:
+    """A model repository at dst holding `slora` with the given config.pbtxt parameters."""
+    dst = Path(dst)
+    model_dir = dst / MODEL_NAME
+    (model_dir / "1").mkdir(parents=True, exist_ok=True)
+    text = config_text if config_text is not None else (SOURCE_MODEL / "config.pbtxt").read_text()
+    (model_dir / "config.pbtxt").write_text(set_parameters(text, parameters or {}))
+    link = model_dir / "1" / "model.py"
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(SOURCE_MODEL / "1" / "model.py")
+    return dst
+
+
+def set_parameters(config_text: str, parameters: dict[str, str]) -> str:
+    """Replace (or add) `parameters: { key: K, value: { string_value: V } }` entries."""
+    lines = []
+    for line in config_text.splitlines():
+        m = re.match(r'\s*parameters\s*:\s*{\s*key\s*:\s*"([^"]+)"', line)
+        if m and m.group(1) in parameters:
+            continue
+        lines.append(line)
+    for key, value in parameters.items():
+        lines.append(f'parameters: {{ key: "{key}", value: {{ string_value: "{value}" }} }}')
+    return "\n".join(lines) + "\n"
+
+
+def server_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for tritonserver: library paths, and this interpreter's bin first on PATH.
+
+    The Python-backend stub's embedded interpreter ignores PYTHONPATH; it finds its
+    site-packages from the `python3` on PATH, so the venv's bin directory must come first
+    (otherwise it may load another numpy, and numpy >= 2 corrupts BYTES tensors in the stub).
+    """
+    env = dict(triton_env()["env"])
+    bindir = str(Path(sys.executable).parent)
+    env["PATH"] = os.pathsep.join([bindir, env.get("PATH", "")])
+    env.pop("VIRTUAL_ENV", None)
+    env["SLORA_REPO_ROOT"] = str(REPO_ROOT)
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.update(extra or {})
+    return env
+
+
+class TritonServer:
+    """A tritonserver process on free loopback ports; use as a context manager."""
+
+    def __init__(self, model_repository: str | os.PathLike, log_path: str | os.PathLike, *,
+                 env: dict[str, str] | None = None, extra_args: list[str] | None = None):
+        self.model_repository = Path(model_repository)
+        self.log_path = Path(log_path)
+        self.env = server_env(env)
+        self.extra_args = list(extra_args or [])
+        self.http_port = self.grpc_port = self.metrics_port = 0
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def http_url(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    def start(self, timeout: float = 180.0) -> TritonServer:
+        info = triton_env()
+        if not info["stub_ok"]:
+            install_stub(info)
+        for attempt in range(3):  # a free port can be taken between probing and binding
+            self.http_port, self.grpc_port, self.metrics_port = (free_port() for _ in range(3))
+            cmd = [
+                info["tritonserver"],
+                f"--model-repository={self.model_repository}",
+                f"--backend-directory={info['backend_dir']}",
+                "--http-address=127.0.0.1", f"--http-port={self.http_port}",
+                "--grpc-address=127.0.0.1", f"--grpc-port={self.grpc_port}",
+                "--metrics-address=127.0.0.1", f"--metrics-port={self.metrics_port}",
+                "--exit-timeout-secs=5",
+                *self.extra_args,
+            ]
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.log_path, "ab") as log:
+                log.write(f"\n=== {' '.join(cmd)}\n".encode())
+                log.flush()
+                self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                             env=self.env, start_new_session=True)
+            try:
+                self.wait_ready(timeout)
+                return self
+            except RuntimeError:
+                self.stop()
+                if attempt == 2 or "already in use" not in self.log_tail(4000):
+                    raise
+        return self
+
+    def wait_ready(self, timeout: float) -> None:
+        wait_ready(f"http://{self.http_url}", self.proc, timeout, self.log_tail)
+
+    def stop(self, grace: float = 15.0) -> None:
+        proc, self.proc = self.proc, None
+        stop_process_group(proc, grace)
+
+    def log_tail(self, chars: int = 6000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def metrics(self) -> str:
+        with _OPENER.open(self.metrics_url, timeout=5) as r:
+            return r.read().decode()
+
+    def __enter__(self) -> TritonServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def wait_ready(base_url: str, proc: subprocess.Popen, timeout: float, log_tail=lambda: "") -> None:
+    """Poll `<base_url>/v2/models/slora/ready` until 200; fail early if the process exits."""
+    deadline = time.monotonic() + timeout
+    url = f"{base_url}/v2/models/{MODEL_NAME}/ready"
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"tritonserver exited with {proc.returncode}:\n{log_tail()}")
+        try:
+            with _OPENER.open(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.25)
+    raise RuntimeError(f"tritonserver not ready after {timeout:.0f}s:\n{log_tail()}")
+
+
+def stop_process_group(proc: subprocess.Popen | None, grace: float = 15.0) -> None:
+    """SIGTERM the process group `proc` leads, SIGKILL it after `grace` seconds."""
+    if proc is None or proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    # The stub runs in the same group; make sure nothing of it is left behind.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of `name` whose labels include `labels` (0 when none)."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name):
+            continue
+        m = re.match(r"([A-Za-z_:][\w:]*)(?:{(.*)})?\s+(\S+)", line)
+        if not m or m.group(1) != name:
+            continue
+        got = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(2) or ""))
+        if all(got.get(k) == v for k, v in labels.items()):
+            total += float(m.group(3))
+    return total
