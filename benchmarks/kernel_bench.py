@@ -1,119 +1,550 @@
-"""Time the Triton kernels against torch_ops and the base GEMM they ride on (CUDA only).
+"""Kernel micro-benchmarks (issue 4) on the GPU: LoRA shrink+expand, paged decode attention and
+the fused elementwise ops, each against a torch reference and its byte floor.
 
-    python benchmarks/kernel_bench.py [--dtype float16] [--check]
+    python benchmarks/kernel_bench.py [--out benchmarks/results] [--reps 50]
+    python benchmarks/kernel_bench.py --sweep      # block-shape sweeps -> kernel_sweep.json
 
-Shapes: Llama-3-8B (P = 8 * 128 = 1024, hidden 4096, q/k/v = 4096/1024/1024), adapters on
-q,k,v of mixed ranks, pages shuffled through the pool as the allocator would leave them.
+Shapes are Llama-2-7B's: hidden 4096, page width P = 32 KV heads x 128 = 4096, bf16.
+* LoRA decode: one 4096->4096 projection (q_proj), B in {1, 16, 64, 256} tokens, each on its
+  own adapter, ranks 8/16/32/64 or the S2 mix (64, 32, 16, 8 in turn); one segment per row and
+  max_rank = the rank bucket, as in a CUDA-graph decode step. LoRA prefill: 16 segments x 256
+  tokens, S2 ranks. Adapter rows sit on shuffled pool pages. Reference: torch gather + bmm
+  (the page rows gathered padded to the largest rank, two batched matmuls).
+* Byte floor: bytes that must move (every adapter's A and B^T once at its true rank, x read,
+  y read and written) over the measured device-to-device copy bandwidth (bytes read + written
+  per second); `bw_fraction` = floor / time.
+* Timing (METHOD.md): each case is captured in a CUDA graph and replayed `--reps` times; before
+  every replay a 256 MiB buffer is written (L2 flush), outside the timed events; median.
 """
 
+from __future__ import annotations
+
 import argparse
+import itertools
+import json
 import logging
-import math
+import multiprocessing as mp
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
 
+import numpy as np
 import torch
-import triton.testing
 
-from kernels import LoraBatch, get_ops
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kernels import LoraBatch, get_ops  # noqa: E402
 
 log = logging.getLogger("kernel_bench")
 
-HIDDEN, P, HEAD_DIM, N_HEADS = 4096, 1024, 128, 32
-QKV_WIDTHS = (4096, 1024, 1024)
+HIDDEN, P, HEAD_DIM, N_HEADS, KV_HEADS, INTER = 4096, 4096, 128, 32, 32, 11008
+S2 = (64, 32, 16, 8)
+DTYPE = torch.bfloat16
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: smoke tests only
 
 
-def make_lora_batch(seg_lens, seg_adapters, adapter_ranks, in_width, out_widths, dtype, dev):
-    n_adapters = len(adapter_ranks)
-    ranks = torch.zeros(7, n_adapters, dtype=torch.int32)
-    a_starts = torch.zeros_like(ranks)
-    b_starts = torch.zeros_like(ranks)
-    n_entries = 0
-    for a, r in enumerate(adapter_ranks):
-        for m, out_w in enumerate(out_widths):
-            ranks[m, a] = r
-            a_starts[m, a] = n_entries
-            n_entries += r * math.ceil(in_width / P)
-            b_starts[m, a] = n_entries
-            n_entries += r * math.ceil(out_w / P)
-    pool = torch.randn(n_entries + 64, P, dtype=dtype, device=dev) * 0.02
-    page_ids = torch.randperm(n_entries + 64, device=dev)[:n_entries].to(torch.int32)
-    seg_starts = torch.tensor([0, *torch.tensor(seg_lens).cumsum(0).tolist()], dtype=torch.int32)
-    batch = LoraBatch(
-        seg_starts=seg_starts.to(dev),
-        seg_adapter=torch.tensor(seg_adapters, dtype=torch.int32, device=dev),
-        ranks=ranks.to(dev),
-        scales=torch.full((7, n_adapters), 2.0, device=dev),
-        a_starts=a_starts.to(dev),
-        b_starts=b_starts.to(dev),
-        page_ids=page_ids,
-        max_rank=max(adapter_ranks),
-        max_seg_len=max(seg_lens),
-    )
-    return pool, batch
+# -- timing -------------------------------------------------------------------------------
+def copy_bandwidth() -> float:
+    """Device-to-device copy of 2 GiB, bytes read + written per second (median of 10)."""
+    a = torch.empty(2 << 30, dtype=torch.uint8, device=DEV)
+    b = torch.empty_like(a)
+    times = []
+    for i in range(13):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        b.copy_(a)
+        end.record()
+        end.synchronize()
+        if i >= 3:
+            times.append(start.elapsed_time(end) / 1e3)
+    del a, b
+    return 2 * (2 << 30) / statistics.median(times)
 
 
-def bench_lora(name, seg_lens, seg_adapters, adapter_ranks, dtype, check, ops):
-    dev = "cuda"
-    pool, batch = make_lora_batch(seg_lens, seg_adapters, adapter_ranks, HIDDEN, QKV_WIDTHS,
-                                  dtype, dev)
-    n_rows = sum(seg_lens)
-    x = torch.randn(n_rows, HIDDEN, dtype=dtype, device=dev)
-    y = torch.zeros(n_rows, sum(QKV_WIDTHS), dtype=dtype, device=dev)
-    w_qkv = torch.randn(sum(QKV_WIDTHS), HIDDEN, dtype=dtype, device=dev) * 0.02
-    offsets = (0, QKV_WIDTHS[0], QKV_WIDTHS[0] + QKV_WIDTHS[1])
-    args = (x, y, pool, batch, (0, 1, 2), offsets)
-    if check:
-        y_ref = torch.zeros_like(y)
-        ops["torch"].lora_apply(x, y_ref, pool, batch, (0, 1, 2), offsets)
-        ops["triton"].lora_apply(*args)
-        err = (y.float() - y_ref.float()).abs().max().item()
-        log.info("%-28s max |triton - torch| = %.3g (|y| max %.3g)", name, err,
-                 y_ref.abs().max().item())
-    t_base = triton.testing.do_bench(lambda: x @ w_qkv.t())
-    t_triton = triton.testing.do_bench(lambda: ops["triton"].lora_apply(*args))
-    t_torch = triton.testing.do_bench(lambda: ops["torch"].lora_apply(*args))
-    log.info("%-28s base qkv GEMM %8.3f ms | lora triton %8.3f ms | lora torch_ops %8.3f ms",
-             name, t_base, t_triton, t_torch)
+class Timer:
+    """Median time of fn replayed from a CUDA graph, L2 flushed before every replay."""
+
+    def __init__(self, reps: int):
+        self.reps = reps
+        self.flush = torch.empty(256 << 20, dtype=torch.uint8, device=DEV)
+
+    def __call__(self, fn, warmup: int = 2) -> float:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(warmup):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(self.reps)]
+        for start, end in events:
+            self.flush.zero_()
+            start.record()
+            graph.replay()
+            end.record()
+        torch.cuda.synchronize()
+        del graph
+        return statistics.median(s.elapsed_time(e) / 1e3 for s, e in events)
 
 
-def bench_attention(batch, seq_len, dtype, check, ops):
-    dev = "cuda"
-    kv_heads = P // HEAD_DIM
-    n_pages = 2 * batch * seq_len
-    pool = torch.randn(n_pages, P, dtype=dtype, device=dev)
-    kv_pages = torch.randperm(n_pages, device=dev).to(torch.int32).view(batch, seq_len, 2)
-    seq_lens = torch.full((batch,), seq_len, dtype=torch.int32, device=dev)
-    q = torch.randn(batch, N_HEADS, HEAD_DIM, dtype=dtype, device=dev)
-    args = (q, pool, kv_pages, seq_lens, HEAD_DIM**-0.5)
-    name = f"decode attn B={batch} L={seq_len}"
-    if check:
-        err = (ops["triton"].paged_decode_attention(*args).float()
-               - ops["torch"].paged_decode_attention(*args).float()).abs().max().item()
-        log.info("%-28s max |triton - torch| = %.3g", name, err)
-    t_triton = triton.testing.do_bench(lambda: ops["triton"].paged_decode_attention(*args))
-    t_torch = triton.testing.do_bench(lambda: ops["torch"].paged_decode_attention(*args))
-    gbytes = 2 * batch * seq_len * P * pool.element_size() / 1e9
-    log.info("%-28s triton %8.3f ms (%6.0f GB/s KV) | torch_ops %8.3f ms (Hkv=%d)",
-             name, t_triton, gbytes / (t_triton / 1e3), t_torch, kv_heads)
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    got, want = got.double(), want.double()
+    return float((got - want).norm() / want.norm().clamp_min(1e-30))
 
 
+# -- LoRA cases ---------------------------------------------------------------------------
+def rank_bucket(r: int) -> int:
+    b = 8
+    while b < r:
+        b *= 2
+    return b
+
+
+class LoraCase:
+    """One projection (module 0, 4096 -> 4096); segment s on adapter s with rank ranks[s]."""
+
+    def __init__(self, seg_lens, ranks, seed=0):
+        self.seg_lens, self.ranks = list(seg_lens), list(ranks)
+        n_seg, n_rows = len(seg_lens), sum(seg_lens)
+        g = torch.Generator(device=DEV).manual_seed(seed)
+        needed = 2 * sum(ranks)  # in = out = P: one page per A row and per B^T row
+        n_pages = 2 * needed + 1
+        self.pool = (torch.randn(n_pages, P, generator=g, device=DEV) * 0.02).to(DTYPE)
+        self.zero_page = n_pages - 1
+        self.pool[self.zero_page] = 0
+        rng = np.random.default_rng(seed)
+        page_ids = rng.permutation(n_pages - 1)[:needed].astype(np.int32)
+        table = np.zeros((3, 7, n_seg), np.int32)
+        offset = 0
+        a_idx = np.full((n_seg, rank_bucket(max(ranks))), self.zero_page, np.int64)
+        b_idx = a_idx.copy()
+        for a, r in enumerate(ranks):
+            table[0, 0, a], table[1, 0, a], table[2, 0, a] = r, offset, offset + r
+            a_idx[a, :r] = page_ids[offset : offset + r]
+            b_idx[a, :r] = page_ids[offset + r : offset + 2 * r]
+            offset += 2 * r
+        scales = np.zeros((7, n_seg), np.float32)
+        scales[0] = 0.5
+        starts = np.concatenate([[0], np.cumsum(seg_lens)]).astype(np.int32)
+        self.batch = LoraBatch(
+            seg_starts=torch.from_numpy(starts).to(DEV),
+            seg_adapter=torch.arange(n_seg, dtype=torch.int32, device=DEV),
+            ranks=torch.from_numpy(table[0]).to(DEV), scales=torch.from_numpy(scales).to(DEV),
+            a_starts=torch.from_numpy(table[1]).to(DEV), b_starts=torch.from_numpy(table[2]).to(DEV),
+            page_ids=torch.from_numpy(page_ids).to(DEV),
+            max_rank=rank_bucket(max(ranks)), max_seg_len=max(seg_lens))
+        self.a_idx = torch.from_numpy(a_idx).to(DEV)
+        self.b_idx = torch.from_numpy(b_idx).to(DEV)
+        self.scale = torch.full((n_seg, 1, 1), 0.5, dtype=DTYPE, device=DEV)
+        self.x = torch.randn(n_rows, HIDDEN, generator=g, device=DEV).to(DTYPE)
+        self.y = torch.randn(n_rows, HIDDEN, generator=g, device=DEV).to(DTYPE)
+        elt = 2
+        self.bytes = sum(2 * r * P * elt for r in ranks) + 3 * n_rows * HIDDEN * elt
+        self.group = None
+
+    def reference(self, y):
+        """torch gather + bmm, ranks padded to the bucket with a zero page."""
+        a = self.pool[self.a_idx]  # (S, R, K)
+        bt = self.pool[self.b_idx]  # (S, R, N)
+        n_seg, seg_len = len(self.seg_lens), self.seg_lens[0]
+        assert all(n == seg_len for n in self.seg_lens)
+        xs = self.x.view(n_seg, seg_len, HIDDEN)
+        h = torch.bmm(xs, a.transpose(1, 2)) * self.scale  # (S, L, R)
+        y.view(n_seg, seg_len, HIDDEN).add_(torch.bmm(h, bt))
+
+    def parts(self, cfg):
+        """(shrink, expand, both) closures for an explicit launch configuration."""
+        from kernels.lora import _group_table
+        from kernels.lora_expand import lora_expand
+        from kernels.lora_shrink import lora_shrink
+
+        group = _group_table((0,), (0,), (HIDDEN,), self.x.device)
+        tmp = torch.empty((cfg.split_k, self.x.shape[0], 1, self.batch.max_rank),
+                          dtype=torch.float32, device=DEV)
+
+        def shrink():
+            lora_shrink(self.x, tmp, self.pool, self.batch, group, cfg)
+
+        def expand():
+            lora_expand(self.y, tmp, self.pool, self.batch, group, HIDDEN, cfg)
+
+        def both():
+            shrink()
+            expand()
+
+        return shrink, expand, both
+
+
+def default_cfg(case: LoraCase):
+    from kernels.lora import pick_config, pick_split_k
+
+    cfg = pick_config(case.batch.max_seg_len, case.batch.max_rank, P, HIDDEN, DTYPE)
+    split = pick_split_k(cfg, case.batch, 1, HIDDEN, case.x.device)
+    return cfg.with_split_k(HIDDEN, split)
+
+
+def check_lora(case: LoraCase, fn) -> float:
+    """Relative error of the LoRA delta against the torch reference (y small but not zero,
+    so that rounding y + delta to bf16 does not swamp the comparison)."""
+    y_keep = case.y.clone()
+    case.y.mul_(1e-3)
+    y0 = case.y.clone()
+    fn()
+    got = case.y.float() - y0.float()
+    case.y.copy_(y0)
+    case.reference(case.y)
+    want = case.y.float() - y0.float()
+    case.y.copy_(y_keep)
+    return rel_err(got, want)
+
+
+def bench_lora_case(name, case, timer, bw, ops):
+    args = (case.x, case.y, case.pool, case.batch, (0,), (0,))
+    err = check_lora(case, lambda: ops.lora_apply(*args))
+    t = timer(lambda: ops.lora_apply(*args))
+    t_ref = timer(lambda: case.reference(case.y))
+    shrink, expand, _ = case.parts(default_cfg(case))
+    t_shrink, t_expand = timer(shrink), timer(expand)
+    floor = case.bytes / bw
+    row = dict(case=name, tokens=sum(case.seg_lens), segments=len(case.seg_lens),
+               ranks=sorted(set(case.ranks)), max_rank=case.batch.max_rank, bytes=case.bytes,
+               floor_s=floor, triton_s=t, shrink_s=t_shrink, expand_s=t_expand, torch_ref_s=t_ref,
+               bw_fraction=floor / t, torch_ref_bw_fraction=floor / t_ref,
+               speedup_vs_torch=t_ref / t, rel_err_vs_torch=err)
+    log.info("%-22s triton %7.1f us (shrink %6.1f + expand %6.1f) | torch gather+bmm %7.1f us | "
+             "floor %6.1f us -> %.2f of copy bw | err %.1e", name, t * 1e6, t_shrink * 1e6,
+             t_expand * 1e6, t_ref * 1e6, floor * 1e6, floor / t, err)
+    return row
+
+
+def decode_cases():
+    for b in (1, 16, 64, 256):
+        for label, ranks in [(f"r{r}", [r] * b) for r in (8, 16, 32, 64)] + [
+                ("S2", [S2[i % 4] for i in range(b)])]:
+            yield f"decode B={b} {label}", [1] * b, ranks
+
+
+PREFILL = ("prefill 16x256 S2", [256] * 16, [S2[i % 4] for i in range(16)])
+
+
+# -- attention and elementwise --------------------------------------------------------------
+class AttnCase:
+    def __init__(self, batch, ctx, table_len, seed=0):
+        g = torch.Generator(device=DEV).manual_seed(seed)
+        n_pages = 2 * batch * ctx + 2
+        self.pool = torch.randn(n_pages, P, generator=g, device=DEV).to(DTYPE)
+        perm = torch.randperm(n_pages, generator=g, device=DEV)[: 2 * batch * ctx].to(torch.int32)
+        self.kv_pages = torch.zeros(batch, table_len, 2, dtype=torch.int32, device=DEV)
+        self.kv_pages[:, :ctx] = perm.view(batch, ctx, 2)
+        self.seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device=DEV)
+        self.q = torch.randn(batch, N_HEADS, HEAD_DIM, generator=g, device=DEV).to(DTYPE)
+        self.bytes = 2 * batch * ctx * P * 2 + 2 * self.q.numel() * 2
+
+    def args(self):
+        return (self.q, self.pool, self.kv_pages, self.seq_lens, HEAD_DIM**-0.5)
+
+
+def bench_attention(timer, bw, ops):
+    from kernels.paged_attention import _num_splits
+
+    rows = []
+    for batch in (1, 32, 128):
+        for table_len in (512, 2048):
+            case = AttnCase(batch, 512, table_len)
+            want = get_ops("torch").paged_decode_attention(*case.args())
+            got = ops.paged_decode_attention(*case.args())
+            t = timer(lambda case=case: ops.paged_decode_attention(*case.args()))
+            splits = _num_splits(batch, KV_HEADS, table_len, case.q.device)
+            rows.append(dict(case=f"attn B={batch} ctx=512 table={table_len}", batch=batch,
+                             table_len=table_len, num_splits=splits, triton_s=t,
+                             floor_s=case.bytes / bw, bw_fraction=case.bytes / bw / t,
+                             rel_err_vs_torch=rel_err(got, want)))
+            log.info("%-32s splits %2d  %7.1f us  -> %.2f of copy bw", rows[-1]["case"], splits,
+                     t * 1e6, rows[-1]["bw_fraction"])
+            del case
+    return rows
+
+
+def bench_elementwise(timer, bw, ops):
+    """The fused kernels against the torch code they replace (per layer, per op)."""
+    max_len = 4096
+    inv = 1.0 / (10000.0 ** (torch.arange(0, HEAD_DIM, 2, device=DEV).float() / HEAD_DIM))
+    emb = torch.outer(torch.arange(max_len, device=DEV, dtype=torch.float32), inv)
+    emb = torch.cat((emb, emb), -1)
+    tables = (emb.cos(), emb.sin())
+    rows = []
+    for n_tok in (1, 64, 256, 4096):
+        rows += _elementwise_rows(n_tok, tables, timer, bw, ops)
+    return rows
+
+
+def _elementwise_rows(n_tok, tables, timer, bw, ops):
+    from kernels.kv_write import write_kv
+
+    torch_ops = get_ops("torch")
+    g = torch.Generator(device=DEV).manual_seed(n_tok)
+    qw = N_HEADS * HEAD_DIM
+    kvw = KV_HEADS * HEAD_DIM
+    h = torch.randn(n_tok, HIDDEN, generator=g, device=DEV).to(DTYPE)
+    d = torch.randn(n_tok, HIDDEN, generator=g, device=DEV).to(DTYPE)
+    w = torch.randn(HIDDEN, generator=g, device=DEV).to(DTYPE)
+    gu = torch.randn(n_tok, 2 * INTER, generator=g, device=DEV).to(DTYPE)
+    qkv = torch.randn(n_tok, qw + 2 * kvw, generator=g, device=DEV).to(DTYPE)
+    pos = torch.randint(0, tables[0].shape[0], (n_tok,), generator=g, device=DEV)
+    pool = torch.empty(2 * n_tok + 2, kvw, dtype=DTYPE, device=DEV)
+    pages = torch.randperm(2 * n_tok, generator=g, device=DEV).to(torch.int32)
+    kp, vp = pages[:n_tok], pages[n_tok:]
+    # Per forward (outside the layer loop) in both versions: each token's table rows.
+    cos_rows, sin_rows = tables[0][pos], tables[1][pos]
+    cos_old, sin_old = cos_rows.to(DTYPE)[:, None, :], sin_rows.to(DTYPE)[:, None, :]
+
+    def old_rope():  # the model's code before the fused kernel (torch RoPE + write_kv kernel)
+        q = torch_ops.apply_rope(qkv[:, :qw].view(n_tok, N_HEADS, HEAD_DIM), cos_old, sin_old)
+        k = torch_ops.apply_rope(qkv[:, qw : qw + kvw].view(n_tok, KV_HEADS, HEAD_DIM),
+                                 cos_old, sin_old)
+        v = qkv[:, qw + kvw :].contiguous()
+        write_kv(pool, k.reshape(n_tok, kvw), v, kp, vp)
+        return q
+
+    def new_rope():
+        ops.rope_write_kv(qkv, cos_rows, sin_rows, pool, kp, vp, N_HEADS, KV_HEADS, HEAD_DIM)
+
+    errs = {
+        "rms_norm": rel_err(ops.rms_norm(h, w, 1e-5), torch_ops.rms_norm(h, w, 1e-5)),
+        "silu_mul": rel_err(ops.silu_mul(gu), torch_ops.silu_mul(gu)),
+        "add_rms_norm": rel_err(ops.add_rms_norm(h.clone(), d, w, 1e-5),
+                                torch_ops.rms_norm(h + d, w, 1e-5)),
+    }
+    qkv_keep = qkv.clone()
+    q_old = old_rope()
+    new_rope()
+    errs["rope_write_kv"] = rel_err(qkv[:, :qw].reshape(q_old.shape), q_old)
+    # (name, fused, torch before, bytes the fused kernel must move)
+    cases = [
+        ("rms_norm", lambda: ops.rms_norm(h, w, 1e-5), lambda: torch_ops.rms_norm(h, w, 1e-5),
+         2 * h.numel() * 2),
+        ("add_rms_norm", lambda: ops.add_rms_norm(h, d, w, 1e-5),
+         lambda: torch_ops.rms_norm(h + d, w, 1e-5), 4 * h.numel() * 2),
+        ("silu_mul", lambda: ops.silu_mul(gu), lambda: torch_ops.silu_mul(gu), gu.numel() * 3),
+        ("rope_write_kv", new_rope, old_rope, (qkv.numel() + 2 * n_tok * (qw + kvw)) * 2),
+    ]
+    rows = []
+    for name, fused, ref, nbytes in cases:
+        qkv.copy_(qkv_keep)
+        t = timer(fused)
+        t_ref = timer(ref)
+        rows.append(dict(case=f"{name} T={n_tok}", triton_s=t, torch_s=t_ref, floor_s=nbytes / bw,
+                         bw_fraction=nbytes / bw / t, rel_err_vs_torch=errs[name]))
+        log.info("%-22s fused %7.1f us | torch %7.1f us | %.2f of copy bw | err %.1e",
+                 rows[-1]["case"], t * 1e6, t_ref * 1e6, rows[-1]["bw_fraction"], errs[name])
+    return rows
+
+
+# -- sweeps ---------------------------------------------------------------------------------
+_CASES: dict = {}
+
+
+def _case(key):
+    if key not in _CASES:
+        if key == "prefill":
+            _, seg_lens, ranks = PREFILL
+        else:
+            b = int(key.split("-")[1])
+            seg_lens, ranks = [1] * b, [S2[i % 4] for i in range(b)]
+        _CASES[key] = LoraCase(seg_lens, ranks)
+    return _CASES[key]
+
+
+def _cfg(case, **kw):
+    split = kw.pop("split_k", 1)
+    return replace(default_cfg(case), **kw).with_split_k(HIDDEN, split)
+
+
+def _attn_variant(batch, table_len, splits, block_t, warps, stages):
+    from kernels.paged_attention import decode_attention
+
+    key = ("attn", batch, table_len)
+    if key not in _CASES:
+        _CASES[key] = AttnCase(batch, 512, table_len)
+    case = _CASES[key]
+    return lambda: decode_attention(*case.args(), num_splits=splits, block_t=block_t,
+                                    num_warps=warps, num_stages=stages)
+
+
+def _warm(jobs):
+    """Compile (populate Triton's on-disk cache) in a worker process; returns failures."""
+    torch.cuda.set_device(0)
+    failed = []
+    for job in jobs:
+        try:
+            _run_job(job)()
+            torch.cuda.synchronize()
+        except Exception as exc:  # noqa: BLE001 - a config the compiler rejects is skipped
+            failed.append((repr(job), repr(exc)[:300]))
+    return failed
+
+
+def _run_job(job):
+    kind, case_key, kw = job
+    if kind == "attn":
+        return _attn_variant(**kw)
+    case = _case(case_key)
+    shrink, expand, both = case.parts(_cfg(case, **kw))
+    return {"shrink": shrink, "expand": expand, "both": both}[kind]
+
+
+def sweep(timer, bw, out: Path):
+    shrink_grid = [dict(block_r=r, block_k=k, shrink_warps=w, split_k=s)
+                   for r, k, w, s in itertools.product((8, 16, 32), (256, 512, 1024), (2, 4, 8),
+                                                       (1, 2, 4, 8))]
+    shrink_v1 = [dict(gmv_v2=False, block_r=16, block_k=256, shrink_warps=w, split_k=s)
+                 for w, s in itertools.product((2, 4), (1, 3, 4))]
+    expand_grid = [dict(block_r_expand=r, block_n=n, expand_warps=w, n_iters=i)
+                   for r, n, w, i in itertools.product((8, 16, 32, 64), (128, 256, 512, 1024),
+                                                       (2, 4, 8), (1, 2))]
+    expand_v1 = [dict(gmv_v2=False, block_r_expand=64, block_n=n, expand_warps=w, n_iters=2)
+                 for n, w in itertools.product((128, 256), (2, 4))]
+    pre_shrink = [dict(block_m=m, block_k=k, shrink_warps=w, shrink_stages=st, split_k=s)
+                  for m, k, w, st, s in itertools.product((32, 64, 128), (64, 128), (4, 8), (3, 4),
+                                                           (1, 2, 4))]
+    pre_expand = [dict(block_m=m, block_n=n, expand_warps=w, n_iters=i)
+                  for m, n, w, i in itertools.product((32, 64, 128), (64, 128, 256), (4, 8), (1, 4))]
+    attn = [dict(batch=b, table_len=2048, splits=s, block_t=t, warps=w, stages=st)
+            for b, splits in ((1, (4, 8, 16)), (32, (1, 2, 4)), (128, (1, 2)))
+            for s, t, w, st in itertools.product(splits, (32, 64, 128), (4, 8), (None, 2))]
+    jobs = ([("shrink", "decode-256", kw) for kw in shrink_grid + shrink_v1]
+            + [("expand", "decode-256", kw) for kw in expand_grid + expand_v1]
+            + [("shrink", "prefill", kw) for kw in pre_shrink]
+            + [("expand", "prefill", kw) for kw in pre_expand]
+            + [("attn", None, kw) for kw in attn])
+    t0 = time.monotonic()
+    # Compile in parallel worker processes (Triton's on-disk cache is shared); jobs differing
+    # only in run-time arguments go to the same worker, so each kernel compiles once.
+    groups: dict = {}
+    for job in jobs:
+        kw = {k: v for k, v in job[2].items() if k not in ("split_k", "n_iters", "splits")}
+        groups.setdefault((job[0], job[1], json.dumps(kw, sort_keys=True)), []).append(job)
+    n_workers = 14
+    chunks = [[] for _ in range(n_workers)]
+    for i, group in enumerate(groups.values()):
+        chunks[i % n_workers].extend(group)
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(n_workers) as pool:
+        failures = [f for part in pool.map(_warm, chunks) for f in part]
+    log.info("compiled %d variants in %.0fs (%d failed)", len(jobs), time.monotonic() - t0,
+             len(failures))
+    results = []
+    for job in jobs:
+        try:
+            t = timer(_run_job(job))
+        except Exception as exc:  # noqa: BLE001
+            results.append(dict(kind=job[0], case=job[1], cfg=job[2], error=repr(exc)[:300]))
+            continue
+        results.append(dict(kind=job[0], case=job[1], cfg=job[2], t=t))
+    log.info("timed %d variants, %.0fs in all", len(results), time.monotonic() - t0)
+
+    def best(kind, case, n=3):
+        rows = [r for r in results if r["kind"] == kind and r["case"] == case and "t" in r]
+        return sorted(rows, key=lambda r: r["t"])[:n]
+
+    # Combinations of the best shrink and expand shapes, timed together, all decode sizes.
+    combos = []
+    for case_key, shrink_pool, expand_pool in (("decode-256", best("shrink", "decode-256", 4),
+                                                best("expand", "decode-256", 3)),
+                                               ("prefill", best("shrink", "prefill", 3),
+                                                best("expand", "prefill", 3))):
+        for s, e in itertools.product(shrink_pool, expand_pool):
+            kw = {**s["cfg"], **e["cfg"]}
+            if case_key.startswith("decode"):
+                for b in (1, 16, 64, 256):
+                    for split in (1, 2, 4, 8, 16):
+                        k2 = {**kw, "split_k": split}
+                        combos.append(dict(case=f"decode-{b}", cfg=k2,
+                                           t=timer(_run_job(("both", f"decode-{b}", k2)))))
+            else:
+                combos.append(dict(case=case_key, cfg=kw, t=timer(_run_job(("both", case_key, kw)))))
+    report = dict(device=torch.cuda.get_device_name(), copy_bandwidth_Bps=bw,
+                  bytes={k: _case(k).bytes for k in ("decode-256", "prefill")},
+                  failures=failures, results=results, combos=combos)
+    (out / "kernel_sweep.json").write_text(json.dumps(report, indent=1))
+    for kind, case in (("shrink", "decode-256"), ("expand", "decode-256"), ("shrink", "prefill"),
+                       ("expand", "prefill")):
+        for r in best(kind, case, 5):
+            print(f"{kind:6} {case:10} {r['t'] * 1e6:7.1f} us {r['cfg']}")
+    for kw in shrink_v1[:1] + expand_v1[:1]:
+        for r in results:
+            if r["cfg"] == kw and r["case"] == "decode-256":
+                print(f"v1 {r['kind']:6} {r.get('t', 0) * 1e6:7.1f} us {kw}")
+    for b in (1, 16, 64, 256):
+        rows = sorted((c for c in combos if c["case"] == f"decode-{b}"), key=lambda c: c["t"])[:3]
+        for c in rows:
+            frac = _case(f"decode-{b}").bytes / bw / c["t"]
+            print(f"combo decode-{b:<4} {c['t'] * 1e6:7.1f} us frac {frac:.2f} {c['cfg']}")
+    for c in sorted((c for c in combos if c["case"] == "prefill"), key=lambda c: c["t"])[:3]:
+        print(f"combo prefill {c['t'] * 1e6:7.1f} us frac {_case('prefill').bytes / bw / c['t']:.2f}"
+              f" {c['cfg']}")
+    for b in (1, 32, 128):
+        for r in sorted((r for r in results if r["kind"] == "attn" and r["cfg"]["batch"] == b
+                         and "t" in r), key=lambda r: r["t"])[:3]:
+            print(f"attn B={b:<4} {r['t'] * 1e6:7.1f} us {r['cfg']}")
+
+
+# -- main ---------------------------------------------------------------------------------
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
-    parser.add_argument("--check", action="store_true", help="also compare with torch_ops")
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--reps", type=int, default=50)
+    parser.add_argument("--sweep", action="store_true", help="block-shape sweeps instead")
+    parser.add_argument("--only", default="lora,attention,elementwise")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    dtype = getattr(torch, args.dtype)
-    ops = {"triton": get_ops("triton"), "torch": get_ops("torch")}
-
-    ranks = [8, 16, 32, 64] * 8  # 32 adapters of mixed rank
-    for n in (32, 128):  # decode: one token per request, every request its own adapter slot
-        bench_lora(f"decode S={n} (MBGMV)", [1] * n, [i % len(ranks) for i in range(n)], ranks,
-                   dtype, args.check, ops)
-    for n_seg, seg_len in ((4, 512), (16, 128)):
-        bench_lora(f"prefill {n_seg}x{seg_len} (MBGMM)", [seg_len] * n_seg, list(range(n_seg)),
-                   ranks, dtype, args.check, ops)
-    for batch, seq_len in ((8, 4096), (64, 1024), (128, 512)):
-        bench_attention(batch, seq_len, dtype, args.check, ops)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    bw = copy_bandwidth()
+    log.info("%s: copy bandwidth %.2f TB/s (read + write)", torch.cuda.get_device_name(), bw / 1e12)
+    timer = Timer(args.reps)
+    if args.sweep:
+        sweep(timer, bw, out)
+        return
+    ops = get_ops("triton")
+    report = dict(device=torch.cuda.get_device_name(), copy_bandwidth_Bps=bw,
+                  date=time.strftime("%Y-%m-%d"), dtype="bfloat16",
+                  command="python benchmarks/kernel_bench.py", method=(
+                      "CUDA graph per case, L2 flushed (256 MiB write) before every replay, "
+                      f"median of {args.reps} replays; floor = minimum bytes / copy bandwidth"))
+    only = args.only.split(",")
+    if "lora" in only:
+        rows = []
+        for name, seg_lens, ranks in [*decode_cases(), PREFILL]:
+            case = LoraCase(seg_lens, ranks)
+            rows.append(bench_lora_case(name, case, timer, bw, ops))
+            del case
+        report["lora"] = rows
+        by_name = {r["case"]: r for r in rows}
+        report["lora_decode_kernel_bw_fraction"] = by_name["decode B=256 S2"]["bw_fraction"]
+        report["lora_prefill_kernel_bw_fraction"] = by_name[PREFILL[0]]["bw_fraction"]
+    if "attention" in only:
+        report["attention"] = bench_attention(timer, bw, ops)
+    if "elementwise" in only:
+        report["elementwise"] = bench_elementwise(timer, bw, ops)
+    (out / "kernel_bench.json").write_text(json.dumps(report, indent=2))
+    print(f"device {report['device']}, copy bandwidth {bw / 1e12:.2f} TB/s")
+    for r in report.get("lora", []):
+        print(f"{r['case']:<24} {r['triton_s'] * 1e6:8.1f} us  torch {r['torch_ref_s'] * 1e6:8.1f} us"
+              f"  floor {r['floor_s'] * 1e6:7.1f} us  bw_frac {r['bw_fraction']:.2f}"
+              f"  err {r['rel_err_vs_torch']:.1e}")
+    for key in ("lora_decode_kernel_bw_fraction", "lora_prefill_kernel_bw_fraction"):
+        if key in report:
+            print(f"{key} = {report[key]:.3f}")
+    for r in report.get("attention", []) + report.get("elementwise", []):
+        print(f"{r['case']:<32} {r['triton_s'] * 1e6:8.1f} us  bw_frac {r['bw_fraction']:.2f}"
+              + (f"  torch {r['torch_s'] * 1e6:8.1f} us" if "torch_s" in r else ""))
 
 
 if __name__ == "__main__":

@@ -19,41 +19,32 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from client.workload import RequestTiming, WorkloadSpec, adapter_name, make_trace, summarize  # noqa: E402
+from client.workload import RequestTiming, WorkloadSpec, make_trace, summarize  # noqa: E402
 from slora_backend.checkpoint import MODULES  # noqa: E402
 from slora_backend.config import EngineConfig  # noqa: E402
-from slora_backend.dummy import random_adapter  # noqa: E402
+from slora_backend.dummy import register_dummy_adapters  # noqa: E402
 from slora_backend.engine import Engine  # noqa: E402
 from slora_backend.request import SamplingParams  # noqa: E402
 
 log = logging.getLogger("slora_bench")
 SETTINGS = {"S1": (8,), "S2": (64, 32, 16, 8), "S4": (64, 32, 16)}
-TARGETS = {"qkvo": ("q_proj", "k_proj", "v_proj", "o_proj"),
-           "all": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}
 
 
-def register_adapters(engine: Engine, n: int, ranks: tuple[int, ...], targets, seed: int) -> float:
-    rng = np.random.default_rng(seed)
+def register_adapters(engine: Engine, n: int, ranks: tuple[int, ...], targets: str) -> float:
+    """Register n random adapters; returns host bytes / weight bytes over all of them."""
     t0 = time.monotonic()
-    host_bytes = weight_bytes = 0
-    for i in range(n):
-        rank = int(rng.choice(ranks))
-        ad = random_adapter(adapter_name(i), engine.spec, rank, targets, engine.dtype, seed=seed + i,
-                            device=engine.device, pin=engine.device.type == "cuda")
-        engine.register_adapter(ad)
-        host_bytes += ad.nbytes
-        weight_bytes += sum(
-            r * sum(engine.spec.module_shape(m)) for r, m in zip(ad.ranks, MODULES, strict=True)
-        ) * engine.spec.layers * ad.pages.element_size()
-        if (i + 1) % max(1, n // 10) == 0:
-            log.info("registered %d/%d adapters (%.1f GB host)", i + 1, n, host_bytes / 1e9)
-    log.info("registered %d adapters in %.1fs", n, time.monotonic() - t0)
-    return host_bytes / max(weight_bytes, 1)
+    register_dummy_adapters(engine, f"{n}:{','.join(map(str, ranks))}:{targets}")
+    host = weights = 0
+    for ad in engine.adapters.host.values():
+        host += ad.nbytes
+        weights += sum(r * sum(engine.spec.module_shape(m)) for r, m in zip(ad.ranks, MODULES, strict=True)
+                       ) * engine.spec.layers * ad.pages.element_size()
+    log.info("registered %d adapters in %.1fs (%.1f GB host)", n, time.monotonic() - t0, host / 1e9)
+    return host / max(weights, 1)
 
 
 def replay(engine: Engine, trace, drop_adapters: bool, deadline: float) -> list[RequestTiming]:
@@ -105,7 +96,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="dummy:llama-7b")
     ap.add_argument("--setting", default="S2", choices=sorted(SETTINGS))
-    ap.add_argument("--targets", default="qkvo", choices=sorted(TARGETS))
+    ap.add_argument("--targets", default="qkvo", choices=["qkvo", "all"])
     ap.add_argument("--n", default="5,100", help="comma-separated adapter counts")
     ap.add_argument("--rate", type=float, default=8.0)
     ap.add_argument("--duration", type=float, default=60.0)
@@ -119,7 +110,7 @@ def main() -> int:
     ns = [int(x) for x in args.n.split(",")]
     engine = Engine(EngineConfig(model_dir=args.model, max_model_len=2048, max_batch_size=512,
                                  max_prefill_tokens=8192))
-    host_ratio = register_adapters(engine, max(ns), SETTINGS[args.setting], TARGETS[args.targets], seed=1)
+    host_ratio = register_adapters(engine, max(ns), SETTINGS[args.setting], args.targets)
     free, total = torch.cuda.mem_get_info() if engine.device.type == "cuda" else (0, 1)
     results = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                "date": time.strftime("%Y-%m-%d"), "args": vars(args), "runs": {},

@@ -24,6 +24,9 @@ class EngineConfig:
     max_tokens_limit: int = 4096  # largest max_tokens a request may ask for
     host_adapter_budget_mb: int = 0  # reserved for the disk tier; 0 = unlimited host memory
     cuda_graphs: bool = True  # on CUDA with the Triton kernels: replay decode steps from graphs
+    # Benchmarks only: "N:RANKS:TARGETS" registers N random adapters adapter-00000.. at start,
+    # ranks drawn from RANKS (e.g. 64,32,16,8), TARGETS qkvo or all. Empty = none.
+    dummy_adapters: str = ""
 
     @classmethod
     def from_parameters(cls, params: dict[str, str]) -> EngineConfig:

@@ -68,3 +68,27 @@ def random_adapter(name: str, spec: ModelSpec, rank: int, targets: tuple[str, ..
     scales = [2.0 if r else 0.0 for r in ranks]
     return HostAdapter(name=name, rank=rank, ranks=ranks, scales=scales, a_offsets=a_off, b_offsets=b_off,
                        pages=pages, target_modules=[m for m in MODULES if m in targets])
+
+
+TARGET_SETS = {"qkvo": ("q_proj", "k_proj", "v_proj", "o_proj"), "all": MODULES}
+
+
+def register_dummy_adapters(engine, description: str, seed: int = 1) -> None:
+    """Register "N:RANKS:TARGETS" random adapters named adapter-00000.. (see EngineConfig)."""
+    import logging
+
+    import numpy as np
+
+    try:
+        n_text, ranks_text, targets = description.split(":")
+        n, ranks = int(n_text), [int(r) for r in ranks_text.split(",")]
+        target_modules = TARGET_SETS[targets]
+    except (ValueError, KeyError):
+        raise ValueError(f"dummy_adapters must look like 100:64,32,16,8:qkvo, got {description!r}") from None
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        engine.register_adapter(random_adapter(f"adapter-{i:05d}", engine.spec, int(rng.choice(ranks)),
+                                               target_modules, engine.dtype, seed=seed + i, device=engine.device,
+                                               pin=engine.device.type == "cuda"))
+        if (i + 1) % max(1, n // 10) == 0:
+            logging.getLogger(__name__).info("registered %d/%d dummy adapters", i + 1, n)

@@ -23,7 +23,7 @@ from .checkpoint import ModelSpec, load_base_weights, read_spec
 from .config import EngineConfig
 from .cuda_graphs import DecodeGraphs
 from .detokenizer import IncrementalDetokenizer
-from .dummy import dummy_spec, dummy_weights, is_dummy
+from .dummy import dummy_spec, dummy_weights, is_dummy, register_dummy_adapters
 from .model_runner import ModelRunner
 from .page_pool import PagePool
 from .request import (
@@ -37,6 +37,7 @@ from .request import (
 )
 from .sampler import Sampler
 from .scheduler import Scheduler
+from .tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +85,7 @@ class Engine:
         else:
             self.spec = read_spec(config.model_dir)
             if tokenizer is None:
-                from transformers import AutoTokenizer
-
-                tokenizer = AutoTokenizer.from_pretrained(config.model_dir)
+                tokenizer = load_tokenizer(config.model_dir)
             weights = load_base_weights(config.model_dir, self.spec, self.dtype, self.device)
         self.max_model_len = config.max_model_len or self.spec.max_position
         self.tokenizer = tokenizer
@@ -123,6 +122,8 @@ class Engine:
                  "pool %d pages x %d (%.1f MiB)", time.monotonic() - t0, config.model_dir, s.layers,
                  s.hidden, s.heads, s.kv_heads, self.device, self.dtype, backend, pages, s.page_width,
                  self.pool_tensor.numel() * self.pool_tensor.element_size() / 2**20)
+        if config.dummy_adapters:
+            register_dummy_adapters(self, config.dummy_adapters)
         self._thread = threading.Thread(target=self._loop, name="slora-engine", daemon=True)
         self._thread.start()
 

@@ -51,20 +51,6 @@ def rope_inv_freq(spec: ModelSpec) -> torch.Tensor:
     return torch.where(medium, blended, scaled)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # Normalise in fp32 and scale in the model dtype, exactly as HF Llama does.
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (T, heads, D); cos/sin: (T, 1, D) with the half-frequencies repeated (HF convention)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
-
-
 class ModelRunner:
     def __init__(self, spec: ModelSpec, weights: BaseWeights, pool: torch.Tensor, ops,
                  max_model_len: int):
@@ -142,42 +128,51 @@ class ModelRunner:
     # -- forward -------------------------------------------------------------------------
     @torch.inference_mode()
     def forward(self, inp: StepInputs) -> torch.Tensor:
-        """Logits (B, vocab) in fp32 for the last row of every request."""
+        """Logits (B, vocab) in fp32 for the last row of every request.
+
+        Elementwise work goes through fused ops (RMSNorm with the residual add before it,
+        RoPE with the KV write, SwiGLU); the torch backend's twins round exactly as HF does.
+        """
         s, ops, lora = self.spec, self.ops, inp.lora
         T = inp.input_ids.shape[0]
         h = self.w.embed[inp.input_ids]
-        cos = self.cos[inp.positions].to(self.dtype)[:, None, :]
-        sin = self.sin[inp.positions].to(self.dtype)[:, None, :]
-        qw, kvw = s.q_width, s.kv_width
-        for layer, w in enumerate(self.w.layers):
+        cos = self.cos[inp.positions]  # (T, D) fp32
+        sin = self.sin[inp.positions]
+        qw, kvw, eps = s.q_width, s.kv_width, s.rms_eps
+        layers = self.w.layers
+        x = ops.rms_norm(h, layers[0].input_norm, eps)
+        for layer, w in enumerate(layers):
             pool = self.pool[layer]
-            x = rms_norm(h, w.input_norm, s.rms_eps)
             qkv = F.linear(x, w.qkv)
             if lora is not None:
                 ops.lora_apply(x, qkv, pool, lora, (0, 1, 2), self.qkv_offsets)
-            q = apply_rope(qkv[:, :qw].view(T, s.heads, s.head_dim), cos, sin)
-            k = apply_rope(qkv[:, qw : qw + kvw].view(T, s.kv_heads, s.head_dim), cos, sin)
-            v = qkv[:, qw + kvw :].contiguous()
-            ops.write_kv(pool, k.reshape(T, kvw), v, inp.k_pages, inp.v_pages)
+            # q and k rotated in place in qkv; k and v written to their pages.
+            ops.rope_write_kv(qkv, cos, sin, pool, inp.k_pages, inp.v_pages,
+                              s.heads, s.kv_heads, s.head_dim)
+            q = qkv[:, :qw].view(T, s.heads, s.head_dim)
             if inp.prefill:
-                attn = self._prefill_attention(q, k, v.view(T, s.kv_heads, s.head_dim), inp.seq_bounds)
+                k = qkv[:, qw : qw + kvw].view(T, s.kv_heads, s.head_dim)
+                v = qkv[:, qw + kvw :].view(T, s.kv_heads, s.head_dim)
+                attn = self._prefill_attention(q, k, v, inp.seq_bounds)
             else:
                 attn = ops.paged_decode_attention(q, pool, inp.kv_table, inp.seq_lens, self.sm_scale)
             attn = attn.reshape(T, qw)
             o = F.linear(attn, w.o)
             if lora is not None:
                 ops.lora_apply(attn, o, pool, lora, (3,), (0,))
-            h = h + o
-            x = rms_norm(h, w.post_norm, s.rms_eps)
+            x = ops.add_rms_norm(h, o, w.post_norm, eps)  # h += o
             gate_up = F.linear(x, w.gate_up)
             if lora is not None:
                 ops.lora_apply(x, gate_up, pool, lora, (4, 5), self.gate_up_offsets)
-            act = F.silu(gate_up[:, : s.intermediate]) * gate_up[:, s.intermediate :]
+            act = ops.silu_mul(gate_up)
             down = F.linear(act, w.down)
             if lora is not None:
                 ops.lora_apply(act, down, pool, lora, (6,), (0,))
-            h = h + down
-        last = rms_norm(h[inp.last_rows], self.w.norm, s.rms_eps)
+            if layer + 1 < len(layers):
+                x = ops.add_rms_norm(h, down, layers[layer + 1].input_norm, eps)  # h += down
+            else:
+                h += down
+        last = ops.rms_norm(h[inp.last_rows], self.w.norm, eps)
         return F.linear(last, self.w.lm_head).float()
 
     def _prefill_attention(self, q, k, v, bounds: list[int]) -> torch.Tensor:

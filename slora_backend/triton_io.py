@@ -367,6 +367,9 @@ def engine_parameters(model_config: dict, repo_root: str | os.PathLike,
         if value.lower() in ("", "none"):
             params[key] = ""
             continue
+        if key == "model_dir" and value.startswith("dummy:"):  # benchmark shapes: no directory
+            params[key] = value
+            continue
         path = Path(value).expanduser()
         params[key] = str(path if path.is_absolute() else (root / path).resolve())
     if not params["adapter_dir"]:

@@ -1,0 +1,147 @@
+"""The same S-LoRA trace through the real tritonserver and against the in-process engine.
+
+    python benchmarks/server_bench.py --model dummy:llama-7b --setting S2 --n 100 --rate 8 --duration 30
+
+The server runs this repository's model (dummy weights, `dummy_adapters` registered at
+start) on free loopback ports; requests go over HTTP `generate_stream` (server-sent events,
+one thread per request, stdlib only so it runs on the bare GPU image). Then the server is
+stopped and the in-process engine replays the identical trace. Writes
+`<out>/server_vs_inprocess.json` with both reports and their throughput ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import logging
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from server_utils import TritonServer, write_model_repository  # noqa: E402
+
+from benchmarks.slora_bench import SETTINGS, replay  # noqa: E402
+from client.workload import RequestTiming, WorkloadSpec, make_trace, summarize  # noqa: E402
+from slora_backend.dummy import dummy_spec  # noqa: E402
+
+log = logging.getLogger("server_bench")
+
+
+def stream_one(port: int, body: dict, timing: RequestTiming, start: float, timeout: float) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("POST", "/v2/models/slora/generate_stream", json.dumps(body),
+                     {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        if resp.status != 200:
+            timing.error = f"HTTP {resp.status}: {resp.read()[:200]!r}"
+            return
+        for raw in resp:
+            line = raw.strip()
+            if not line.startswith(b"data:"):
+                continue
+            event = json.loads(line[5:])
+            if "error" in event:
+                timing.error = str(event["error"])
+                return
+            ids = event.get("token_ids", [])
+            n = len(ids) if isinstance(ids, list) else 1
+            if n and timing.first_token is None:
+                timing.first_token = time.monotonic() - start - timing.arrival
+            timing.output_tokens += n
+            if event.get("finish_reason"):
+                timing.latency = time.monotonic() - start - timing.arrival
+                return
+        timing.error = "stream ended without finish_reason"
+    except Exception as e:  # a benchmark records failures instead of stopping
+        timing.error = repr(e)
+    finally:
+        conn.close()
+
+
+def replay_http(port: int, trace, timeout: float) -> list[RequestTiming]:
+    timings = [RequestTiming(arrival=r.arrival) for r in trace]
+    start = time.monotonic()
+    threads = []
+    for i, r in enumerate(trace):
+        delay = r.arrival - (time.monotonic() - start)
+        if delay > 0:
+            time.sleep(delay)
+        timings[i].arrival = time.monotonic() - start
+        body = {"input_ids": r.prompt_ids, "max_tokens": r.output_len, "ignore_eos": True}
+        if r.adapter is not None:
+            body["adapter_id"] = r.adapter
+        t = threading.Thread(target=stream_one, args=(port, body, timings[i], start, timeout), daemon=True)
+        t.start()
+        threads.append(t)
+    for t in threads:
+        t.join(timeout)
+    return timings
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="dummy:llama-7b")
+    ap.add_argument("--setting", default="S2", choices=sorted(SETTINGS))
+    ap.add_argument("--targets", default="qkvo", choices=["qkvo", "all"])
+    ap.add_argument("--n", type=int, default=100)
+    ap.add_argument("--rate", type=float, default=8.0)
+    ap.add_argument("--duration", type=float, default=30.0)
+    ap.add_argument("--max-len", type=int, default=512)
+    ap.add_argument("--out", default="benchmarks/results")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    ranks = ",".join(map(str, SETTINGS[args.setting]))
+    engine_params = {"model_dir": args.model, "dummy_adapters": f"{args.n}:{ranks}:{args.targets}",
+                     "max_model_len": "2048", "max_batch_size": "256", "max_prefill_tokens": "8192",
+                     "adapter_dir": "none"}
+    spec = WorkloadSpec(n_adapters=args.n, rate=args.rate, duration=args.duration, input_range=(8, args.max_len),
+                        output_range=(8, args.max_len), vocab=dummy_spec(args.model).vocab, seed=7)
+    trace = make_trace(spec)
+    results = {"args": vars(args), "requests": len(trace)}
+    work = Path(tempfile.mkdtemp(prefix="server_bench_"))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    repo = write_model_repository(work / "repo", engine_params)
+    with TritonServer(repo, out / "server_bench_server.log") as server:
+        server.start(timeout=900)
+        log.info("server up on http :%d; sending %d requests", server.http_port, len(trace))
+        timings = replay_http(server.http_port, trace, timeout=args.duration * 6 + 120)
+        results["server"] = summarize(timings).as_dict()
+        results["server_metrics_excerpt"] = [ln for ln in server.metrics().splitlines()
+                                             if ln.startswith(("slora_pool_pages", "nv_gpu_utilization"))][:8]
+    log.info("server: %s", {k: results["server"][k] for k in ("throughput_req_s", "finished", "errors")})
+
+    import torch
+
+    from slora_backend.config import EngineConfig
+    from slora_backend.engine import Engine
+
+    torch.cuda.empty_cache()
+    cfg = EngineConfig.from_parameters({k: v for k, v in engine_params.items() if k != "adapter_dir"})
+    engine = Engine(cfg)
+    timings = replay(engine, trace, drop_adapters=False, deadline=args.duration * 6)
+    results["inprocess"] = summarize(timings).as_dict()
+    engine.shutdown()
+    results["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    results["server_over_inprocess"] = (results["server"]["throughput_req_s"]
+                                        / results["inprocess"]["throughput_req_s"])
+    (out / "server_vs_inprocess.json").write_text(json.dumps(results, indent=2))
+    for k in ("server", "inprocess"):
+        r = results[k]
+        print(f"{k:>9}: {r['throughput_req_s']:.2f} req/s {r['throughput_tok_s']:.0f} tok/s "
+              f"lat {r['latency_avg']:.2f}s "
+              f"ftl {r['first_token_avg']:.2f}s finished {r['finished']}/{r['requests']} errors {r['errors']}")
+    print(f"server/in-process: {results['server_over_inprocess']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
