@@ -57,8 +57,7 @@ def serve_and_check(work: Path, out: Path, names, prompts, n_new) -> dict:
     repo = write_model_repository(work / "repo", {"model_dir": str(work / "model"),
                                                   "adapter_dir": str(work / "adapters"), "dtype": "float32"})
     report = {"checks": {}}
-    with TritonServer(repo, out / "gpu_server_check_server.log") as server:
-        server.start(timeout=600)
+    with TritonServer(repo, out / "gpu_server_check_server.log", start_timeout=600) as server:
         outs: list[list[int] | None] = [None] * len(names)
 
         def run(i):
@@ -123,7 +122,10 @@ def collect_tokens(port: int, body: dict) -> list[int]:
             event = json.loads(line[5:])
             ids = event.get("token_ids", [])
             tokens.extend(ids if isinstance(ids, list) else [ids])
-            if event.get("finish_reason") or "error" in event:
+            if "error" in event:
+                log.error("request %s failed: %s", body, event["error"])
+                break
+            if event.get("finish_reason"):
                 break
     conn.close()
     return tokens

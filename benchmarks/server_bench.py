@@ -110,8 +110,7 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     repo = write_model_repository(work / "repo", engine_params)
-    with TritonServer(repo, out / "server_bench_server.log") as server:
-        server.start(timeout=900)
+    with TritonServer(repo, out / "server_bench_server.log", start_timeout=900) as server:
         log.info("server up on http :%d; sending %d requests", server.http_port, len(trace))
         timings = replay_http(server.http_port, trace, timeout=args.duration * 6 + 120)
         results["server"] = summarize(timings).as_dict()

@@ -88,13 +88,15 @@ class TritonServer:
     """A tritonserver process on free loopback ports; use as a context manager."""
 
     def __init__(self, model_repository: str | os.PathLike, log_path: str | os.PathLike, *,
-                 env: dict[str, str] | None = None, extra_args: list[str] | None = None):
+                 env: dict[str, str] | None = None, extra_args: list[str] | None = None,
+                 start_timeout: float = 180.0):
         self.model_repository = Path(model_repository)
         self.log_path = Path(log_path)
         self.env = server_env(env)
         self.extra_args = list(extra_args or [])
         self.http_port = self.grpc_port = self.metrics_port = 0
         self.proc: subprocess.Popen | None = None
+        self.start_timeout = start_timeout
 
     @property
     def http_url(self) -> str:
@@ -109,6 +111,8 @@ class TritonServer:
         return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
     def start(self, timeout: float = 180.0) -> TritonServer:
+        if self.proc is not None and self.proc.poll() is None:
+            raise RuntimeError("this TritonServer is already running")
         info = triton_env()
         if not info["stub_ok"]:
             install_stub(info)
@@ -157,7 +161,7 @@ class TritonServer:
             return r.read().decode()
 
     def __enter__(self) -> TritonServer:
-        return self.start()
+        return self.start(self.start_timeout)
 
     def __exit__(self, *exc) -> None:
         self.stop()

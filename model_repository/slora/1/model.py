@@ -11,6 +11,7 @@ the metrics up to date. Every request ends with exactly one response carrying th
 from __future__ import annotations
 
 import json
+import logging
 import os
 import queue
 import sys
@@ -152,6 +153,10 @@ class TritonPythonModel:
         from slora_backend.config import EngineConfig
         from slora_backend.engine import Engine
 
+        # The engine logs through `logging`; without a handler its INFO lines (pool size,
+        # graph capture, preemptions) would never reach the server log.
+        if not logging.getLogger().handlers:
+            logging.basicConfig(level=logging.INFO, format="slora %(levelname)s %(name)s: %(message)s")
         model_config = json.loads(args["model_config"])
         params = triton_io.engine_parameters(model_config, REPO_ROOT)
         self.log.log_info(f"slora: engine parameters {params}")
