@@ -123,7 +123,12 @@ def main() -> int:
     from slora_backend.config import EngineConfig
     from slora_backend.engine import Engine
 
-    torch.cuda.empty_cache()
+    deadline = time.monotonic() + 120  # the stopped server's stub frees its GPU memory asynchronously
+    while torch.cuda.is_available() and time.monotonic() < deadline:
+        free, total = torch.cuda.mem_get_info()
+        if free > 0.9 * total:
+            break
+        time.sleep(1)
     cfg = EngineConfig.from_parameters({k: v for k, v in engine_params.items() if k != "adapter_dir"})
     engine = Engine(cfg)
     timings = replay(engine, trace, drop_adapters=False, deadline=args.duration * 6)
