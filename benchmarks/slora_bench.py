@@ -135,6 +135,7 @@ def main() -> int:
         log.info("%s: %.2f req/s, %.0f tok/s, avg latency %.2fs, first token avg %.2fs, SLO %.2f", label,
                  report["throughput_req_s"], report["throughput_tok_s"], report["latency_avg"],
                  report["first_token_avg"], report["slo_attainment"])
+    results["pool_pages_used_at_first_preemption"] = engine.stats()["requests"]["pool_used_at_first_preemption"]
     if "base" in results["runs"]:
         base = results["runs"]["base"]["throughput_req_s"]
         results["over_base"] = {k: v["throughput_req_s"] / base for k, v in results["runs"].items()}

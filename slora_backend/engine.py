@@ -204,7 +204,8 @@ class Engine:
             "adapters": {"registered": a.registered, "resident": a.resident, "loads": a.loads,
                          "evictions": a.evictions},
             "requests": {"waiting": len(self.scheduler.waiting), "running": len(self.scheduler.running),
-                         "preemptions": self.scheduler.preemptions},
+                         "preemptions": self.scheduler.preemptions,
+                         "pool_used_at_first_preemption": self.scheduler.used_at_first_preemption},
             "steps": self.steps,
             "generated_tokens": self.generated_tokens,
         }

@@ -40,6 +40,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.preemptions = 0
+        self.used_at_first_preemption: float | None = None  # share of pages in use (KV + adapters)
 
     def add(self, req: Request) -> None:
         self.waiting.append(req)
@@ -100,6 +101,9 @@ class Scheduler:
 
     def preempt(self, req: Request) -> None:
         log.info("preempting request %d (%d tokens) to free pages", req.request_id, req.seq_len)
+        if self.used_at_first_preemption is None:
+            # Unified paging's promise: the pool is (nearly) full before anyone is preempted.
+            self.used_at_first_preemption = 1 - self.pool.free / self.pool.num_pages
         self._release(req)
         self.running.remove(req)
         req.status = Status.WAITING
