@@ -39,7 +39,7 @@ def main() -> int:
     step = load(results, "decode_step_h200.json")
     server = load(results, "server_vs_inprocess_h200.json")
     kern = load(results, "kernel_bench.json")
-    peft = load(results, "peft_baseline.json")
+    peft = load(results, "peft_baseline_S2_n100.json")
     floor_ratio = None
     if step:
         graph_rows = [r for r in step["rows"] if r["batch"] >= 64 and r["mode"] == "lora/graph"]
@@ -51,7 +51,8 @@ def main() -> int:
         "s1_n5_to_n2000_loss": loss(s1, "n5", "n2000"),
         "s2_n5_to_n1000_loss": loss(s2, "n5", "n1000"),
         "decode_step_over_floor": floor_ratio,
-        "over_peft_n100": peft.get("ours_over_peft_n100") if peft else None,
+        "over_peft_n100": (s2["runs"]["n100"]["throughput_req_s"] / peft["throughput_req_s"]
+                           if peft and s2 and "n100" in s2["runs"] else None),
         "server_over_inprocess": server.get("server_over_inprocess") if server else None,
         "lora_decode_kernel_bw_fraction": kern.get("lora_decode_kernel_bw_fraction") if kern else None,
         "lora_prefill_kernel_bw_fraction": kern.get("lora_prefill_kernel_bw_fraction") if kern else None,
