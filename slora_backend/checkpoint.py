@@ -92,6 +92,13 @@ def read_spec(model_dir: str | Path) -> ModelSpec:
         elif kind not in ("llama3", "linear"):
             raise CheckpointError(f"unsupported rope scaling {kind!r} (supported: llama3, linear)")
     eos = _eos_ids(model_dir, cfg)
+    max_position = int(cfg.get("max_position_embeddings", 2048))
+    window = cfg.get("sliding_window")
+    if isinstance(window, int) and 0 < window < max_position:
+        # Our attention is full attention; within the window it equals sliding-window attention.
+        log.warning("sliding_window %d < context %d: serving at most %d tokens per sequence",
+                    window, max_position, window)
+        max_position = window
     return ModelSpec(
         hidden=cfg["hidden_size"],
         layers=cfg["num_hidden_layers"],
@@ -103,7 +110,7 @@ def read_spec(model_dir: str | Path) -> ModelSpec:
         rope_theta=float(cfg.get("rope_theta") or rope_params.get("rope_theta") or 10000.0),
         rms_eps=float(cfg.get("rms_norm_eps", 1e-6)),
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        max_position=int(cfg.get("max_position_embeddings", 2048)),
+        max_position=max_position,
         rope_scaling=rope_scaling,
         eos_token_ids=eos,
     )

@@ -130,3 +130,29 @@ def test_tiny_pool_preempts_and_still_matches(setup):
         assert engine.pool.stats().pages_free == engine.pool.num_pages
     finally:
         engine.shutdown()
+
+
+def test_llama3_rope_scaling_matches_hf(tmp_path):
+    """Llama-3.1-style rope scaling (rope_type llama3) gives HF's greedy tokens, also past the
+    original context where the scaled frequencies matter."""
+    import json
+
+    model = build_tiny_model(tmp_path / "model")
+    prompt = [random.Random(2).randrange(1, 380) for _ in range(24)]
+    unscaled = hf_peft_greedy(model, None, prompt, NEW_TOKENS)
+    cfg_path = model / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16}
+    cfg["rope_scaling"] = scaling
+    if "rope_parameters" in cfg:  # transformers 5 reads rope settings from here
+        cfg["rope_parameters"] = {**cfg["rope_parameters"], **scaling}
+    cfg_path.write_text(json.dumps(cfg))
+    ref = hf_peft_greedy(model, None, prompt, NEW_TOKENS)
+    assert ref != unscaled, "the prompt must be one where the scaling changes HF's output"
+    engine = Engine(EngineConfig(model_dir=str(model), kernel_backend="torch", pool_pages=500))
+    try:
+        assert engine.spec.rope_scaling is not None
+        assert tokens_of(run_batch(engine, [dict(prompt_ids=prompt, params=greedy(NEW_TOKENS))])[0]) == ref
+    finally:
+        engine.shutdown()
