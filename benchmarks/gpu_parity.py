@@ -24,21 +24,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from tiny_model import build_adapter, build_tokenizer  # noqa: E402
+from tiny_model import PARITY_ADAPTERS, build_adapter, build_tokenizer  # noqa: E402
 
 from slora_backend.config import EngineConfig  # noqa: E402
 from slora_backend.engine import Engine  # noqa: E402
 from slora_backend.request import SamplingParams  # noqa: E402
 
 log = logging.getLogger("gpu_parity")
-ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-ADAPTERS = {
-    "r1-qv": dict(rank=1, targets=["q_proj", "v_proj"], alpha=4),
-    "r12-all-rslora": dict(rank=12, targets=ALL, alpha=24, use_rslora=True),
-    "r8-mlp": dict(rank=8, targets=["gate_proj", "up_proj", "down_proj"], alpha=16),
-    "r5-ko": dict(rank=5, targets=["k_proj", "o_proj"], alpha=10),
-    "r64-attn": dict(rank=64, targets=["q_proj", "k_proj", "v_proj", "o_proj"], alpha=32),
-}
+ADAPTERS = PARITY_ADAPTERS
 
 
 def build_model(out: Path) -> Path:

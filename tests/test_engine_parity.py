@@ -10,21 +10,14 @@ import random
 
 import pytest
 from engine_utils import greedy, run_batch, tokens_of
-from tiny_model import build_adapter, build_tiny_model, hf_peft_greedy
+from tiny_model import PARITY_ADAPTERS, build_adapter, build_tiny_model, hf_peft_greedy
 
 from slora_backend.config import EngineConfig
 from slora_backend.cuda_graphs import DecodeGraphs
 from slora_backend.engine import Engine
 from slora_backend.page_pool import PageUse
 
-ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-ADAPTERS = {
-    "r1-qv": dict(rank=1, targets=["q_proj", "v_proj"], alpha=4),
-    "r12-all-rslora": dict(rank=12, targets=ALL, alpha=24, use_rslora=True),
-    "r8-mlp": dict(rank=8, targets=["gate_proj", "up_proj", "down_proj"], alpha=16),
-    "r5-ko": dict(rank=5, targets=["k_proj", "o_proj"], alpha=10),
-    "r64-attn": dict(rank=64, targets=["q_proj", "k_proj", "v_proj", "o_proj"], alpha=32),
-}
+ADAPTERS = PARITY_ADAPTERS
 NEW_TOKENS = 10
 
 

@@ -14,6 +14,16 @@ from pathlib import Path
 import torch
 
 VOCAB_SIZE = 384
+ALL_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# The parity adapter set (engine tests and GPU checks): ranks 1..64, odd ranks, rsLoRA, and
+# target sets from one module pair to all seven.
+PARITY_ADAPTERS = {
+    "r1-qv": dict(rank=1, targets=["q_proj", "v_proj"], alpha=4),
+    "r12-all-rslora": dict(rank=12, targets=ALL_MODULES, alpha=24, use_rslora=True),
+    "r8-mlp": dict(rank=8, targets=["gate_proj", "up_proj", "down_proj"], alpha=16),
+    "r5-ko": dict(rank=5, targets=["k_proj", "o_proj"], alpha=10),
+    "r64-attn": dict(rank=64, targets=["q_proj", "k_proj", "v_proj", "o_proj"], alpha=32),
+}
 EOS_TOKEN = "<|endoftext|>"
 # A minimal chat template so that `chat=true` requests work against the tiny model too.
 CHAT_TEMPLATE = (
