@@ -2,7 +2,8 @@
 the fused elementwise ops, each against a torch reference and its byte floor.
 
     python benchmarks/kernel_bench.py [--out benchmarks/results] [--reps 50]
-    python benchmarks/kernel_bench.py --sweep      # block-shape sweeps -> kernel_sweep.json
+    python benchmarks/kernel_bench.py --sweep [--quick]  # block shapes -> kernel_sweep*.json and
+                                                         # lora_tuning.json ($SLORA_LORA_TUNING)
 
 Shapes are Llama-2-7B's: hidden 4096, page width P = 32 KV heads x 128 = 4096, bf16.
 * LoRA decode: one 4096->4096 projection (q_proj), B in {1, 16, 64, 256} tokens, each on its
@@ -182,11 +183,9 @@ class LoraCase:
 
 
 def default_cfg(case: LoraCase):
-    from kernels.lora import pick_config, pick_split_k
+    from kernels.lora import step_config
 
-    cfg = pick_config(case.batch.max_seg_len, case.batch.max_rank, P, HIDDEN, DTYPE)
-    split = pick_split_k(cfg, case.batch, 1, HIDDEN, case.x.device)
-    return cfg.with_split_k(HIDDEN, split)
+    return step_config(case.batch, 1, P, HIDDEN, DTYPE, case.x.device)
 
 
 def check_lora(case: LoraCase, fn) -> float:
@@ -285,9 +284,9 @@ def bench_elementwise(timer, bw, ops):
 
 
 def _elementwise_rows(n_tok, tables, timer, bw, ops):
+    from kernels import torch_ops
     from kernels.kv_write import write_kv
 
-    torch_ops = get_ops("torch")
     g = torch.Generator(device=DEV).manual_seed(n_tok)
     qw = N_HEADS * HEAD_DIM
     kvw = KV_HEADS * HEAD_DIM
@@ -399,27 +398,53 @@ def _run_job(job):
     return {"shrink": shrink, "expand": expand, "both": both}[kind]
 
 
-def sweep(timer, bw, out: Path):
+def sweep_grids(quick: bool):
+    """The variants swept (dicts of LoraLaunchConfig fields / decode_attention arguments)."""
+    if quick:
+        return quick_grids()
     shrink_grid = [dict(block_r=r, block_k=k, shrink_warps=w, split_k=s)
                    for r, k, w, s in itertools.product((8, 16, 32), (256, 512, 1024), (2, 4, 8),
                                                        (1, 2, 4, 8))]
-    shrink_v1 = [dict(gmv_v2=False, block_r=16, block_k=256, shrink_warps=w, split_k=s)
-                 for w, s in itertools.product((2, 4), (1, 3, 4))]
-    expand_grid = [dict(block_r_expand=r, block_n=n, expand_warps=w, n_iters=i)
-                   for r, n, w, i in itertools.product((8, 16, 32, 64), (128, 256, 512, 1024),
-                                                       (2, 4, 8), (1, 2))]
-    expand_v1 = [dict(gmv_v2=False, block_r_expand=64, block_n=n, expand_warps=w, n_iters=2)
-                 for n, w in itertools.product((128, 256), (2, 4))]
+    expand_grid = [dict(block_r_expand=64, block_n=n, expand_warps=w, n_iters=i, expand_stages=st)
+                   for n, w, i, st in itertools.product((128, 256, 512), (2, 4, 8), (1, 2, 4),
+                                                        (0, 4))]
     pre_shrink = [dict(block_m=m, block_k=k, shrink_warps=w, shrink_stages=st, split_k=s)
                   for m, k, w, st, s in itertools.product((32, 64, 128), (64, 128), (4, 8), (3, 4),
                                                            (1, 2, 4))]
-    pre_expand = [dict(block_m=m, block_n=n, expand_warps=w, n_iters=i)
+    pre_expand = [dict(expand_block_m=m, block_n=n, expand_warps=w, n_iters=i)
                   for m, n, w, i in itertools.product((32, 64, 128), (64, 128, 256), (4, 8), (1, 4))]
     attn = [dict(batch=b, table_len=2048, splits=s, block_t=t, warps=w, stages=st)
             for b, splits in ((1, (4, 8, 16)), (32, (1, 2, 4)), (128, (1, 2)))
             for s, t, w, st in itertools.product(splits, (32, 64, 128), (4, 8), (None, 2))]
-    jobs = ([("shrink", "decode-256", kw) for kw in shrink_grid + shrink_v1]
-            + [("expand", "decode-256", kw) for kw in expand_grid + expand_v1]
+    return shrink_grid, expand_grid, pre_shrink, pre_expand, attn
+
+
+def quick_grids():
+    """Around the full sweep's best (H200): MBGMV with pipelining depths, the full-rank
+    expand tile with longer column loops, tensor-core (16-row padded) decode variants, and
+    more K splits / longer loops for prefill."""
+    prod = itertools.product
+    shrink = [dict(block_r=r, block_k=k, shrink_warps=4, shrink_stages=st, split_k=s)
+              for r, k, st, s in prod((8, 16), (128, 256), (0, 2, 4), (1, 2))]
+    shrink_dot = [dict(use_dot=True, block_m=16, block_r=r, block_k=k, shrink_warps=4,
+                       shrink_stages=st, split_k=s)
+                  for r, k, st, s in prod((16, 64), (128, 256), (3, 4), (1, 2, 4))]
+    expand = [dict(block_r_expand=64, block_n=n, expand_warps=w, n_iters=i, expand_stages=st)
+              for n, w, i, st in prod((128, 256), (2, 4), (2, 4, 8), (0, 4))]
+    expand_dot = [dict(use_dot=True, expand_block_m=16, block_r_expand=64, block_n=n,
+                       expand_warps=w, n_iters=i)
+                  for n, w, i in prod((64, 128, 256), (4, 8), (2, 4, 8))]
+    pre_shrink = [dict(block_m=m, block_k=128, shrink_warps=w, shrink_stages=st, split_k=s)
+                  for m, w, st, s in prod((32, 64), (4, 8), (3, 4), (4, 8, 16))]
+    pre_expand = [dict(expand_block_m=m, block_n=n, expand_warps=8, n_iters=i, expand_stages=st)
+                  for m, n, i, st in prod((64, 128), (32, 64), (4, 8, 16), (0, 3, 4))]
+    return shrink + shrink_dot, expand + expand_dot, pre_shrink, pre_expand, []
+
+
+def sweep(timer, bw, out: Path, quick: bool = False):
+    shrink_grid, expand_grid, pre_shrink, pre_expand, attn = sweep_grids(quick)
+    jobs = ([("shrink", "decode-256", kw) for kw in shrink_grid]
+            + [("expand", "decode-256", kw) for kw in expand_grid]
             + [("shrink", "prefill", kw) for kw in pre_shrink]
             + [("expand", "prefill", kw) for kw in pre_expand]
             + [("attn", None, kw) for kw in attn])
@@ -449,38 +474,51 @@ def sweep(timer, bw, out: Path):
         results.append(dict(kind=job[0], case=job[1], cfg=job[2], t=t))
     log.info("timed %d variants, %.0fs in all", len(results), time.monotonic() - t0)
 
-    def best(kind, case, n=3):
-        rows = [r for r in results if r["kind"] == kind and r["case"] == case and "t" in r]
+    def best(kind, case, n=3, dot=None):
+        rows = [r for r in results if r["kind"] == kind and r["case"] == case and "t" in r
+                and (dot is None or r["cfg"].get("use_dot", False) == dot)]
         return sorted(rows, key=lambda r: r["t"])[:n]
 
-    # Combinations of the best shrink and expand shapes, timed together, all decode sizes.
+    # Combinations of the best shrink and expand shapes of one path (MBGMV or tensor cores:
+    # both kernels of a step take the same), timed together; decode at every batch size.
+    pairs = []
+    for case_key in ("decode-256", "prefill"):
+        for dot, n in ((False, 3), (True, 2)):
+            pairs += [(case_key, s, e) for s, e in itertools.product(
+                best("shrink", case_key, n, dot), best("expand", case_key, n, dot))]
     combos = []
-    for case_key, shrink_pool, expand_pool in (("decode-256", best("shrink", "decode-256", 4),
-                                                best("expand", "decode-256", 3)),
-                                               ("prefill", best("shrink", "prefill", 3),
-                                                best("expand", "prefill", 3))):
-        for s, e in itertools.product(shrink_pool, expand_pool):
-            kw = {**s["cfg"], **e["cfg"]}
-            if case_key.startswith("decode"):
-                for b in (1, 16, 64, 256):
-                    for split in (1, 2, 4, 8, 16):
-                        k2 = {**kw, "split_k": split}
-                        combos.append(dict(case=f"decode-{b}", cfg=k2,
-                                           t=timer(_run_job(("both", f"decode-{b}", k2)))))
-            else:
-                combos.append(dict(case=case_key, cfg=kw, t=timer(_run_job(("both", case_key, kw)))))
+    for case_key, s, e in pairs:
+        kw = {**s["cfg"], **e["cfg"]}
+        if case_key.startswith("decode"):
+            for b in (1, 16, 64, 256):
+                for split in (1, 2, 4) if quick else (1, 2, 4, 8, 16):
+                    k2 = {**kw, "split_k": split}
+                    combos.append(dict(case=f"decode-{b}", cfg=k2,
+                                       t=timer(_run_job(("both", f"decode-{b}", k2)))))
+        else:
+            combos.append(dict(case=case_key, cfg=kw, t=timer(_run_job(("both", case_key, kw)))))
     report = dict(device=torch.cuda.get_device_name(), copy_bandwidth_Bps=bw,
                   bytes={k: _case(k).bytes for k in ("decode-256", "prefill")},
                   failures=failures, results=results, combos=combos)
-    (out / "kernel_sweep.json").write_text(json.dumps(report, indent=1))
+    (out / ("kernel_sweep_quick.json" if quick else "kernel_sweep.json")).write_text(
+        json.dumps(report, indent=1))
+    # The fastest pairs as a tuning table for kernels.lora.TUNED (decode: the K split stays
+    # with pick_split_k, which depends on the batch).
+    tuning = {}
+    for path, case in (("gmv", "decode-256"), ("gmm", "prefill")):
+        rows = sorted((c for c in combos if c["case"] == case), key=lambda c: c["t"])
+        if rows:
+            cfg = dict(rows[0]["cfg"])
+            if path == "gmv":
+                cfg.pop("split_k", None)
+            tuning[path] = cfg
+            tuning[f"{path}_sweep_s"] = rows[0]["t"]
+    (out / "lora_tuning.json").write_text(json.dumps(tuning, indent=1))
+    print("tuning", json.dumps(tuning))
     for kind, case in (("shrink", "decode-256"), ("expand", "decode-256"), ("shrink", "prefill"),
                        ("expand", "prefill")):
         for r in best(kind, case, 5):
             print(f"{kind:6} {case:10} {r['t'] * 1e6:7.1f} us {r['cfg']}")
-    for kw in shrink_v1[:1] + expand_v1[:1]:
-        for r in results:
-            if r["cfg"] == kw and r["case"] == "decode-256":
-                print(f"v1 {r['kind']:6} {r.get('t', 0) * 1e6:7.1f} us {kw}")
     for b in (1, 16, 64, 256):
         rows = sorted((c for c in combos if c["case"] == f"decode-{b}"), key=lambda c: c["t"])[:3]
         for c in rows:
@@ -501,6 +539,7 @@ def main():
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--reps", type=int, default=50)
     parser.add_argument("--sweep", action="store_true", help="block-shape sweeps instead")
+    parser.add_argument("--quick", action="store_true", help="with --sweep: the short sweep")
     parser.add_argument("--only", default="lora,attention,elementwise")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -510,12 +549,16 @@ def main():
     log.info("%s: copy bandwidth %.2f TB/s (read + write)", torch.cuda.get_device_name(), bw / 1e12)
     timer = Timer(args.reps)
     if args.sweep:
-        sweep(timer, bw, out)
+        sweep(timer, bw, out, args.quick)
         return
     ops = get_ops("triton")
+    from kernels.lora import TUNED  # $SLORA_LORA_TUNING overrides, if any
+
+    tuning = {path: dict(overrides) for path, overrides in TUNED.items() if overrides}
     report = dict(device=torch.cuda.get_device_name(), copy_bandwidth_Bps=bw,
                   date=time.strftime("%Y-%m-%d"), dtype="bfloat16",
-                  command="python benchmarks/kernel_bench.py", method=(
+                  command="python benchmarks/kernel_bench.py", lora_tuning=tuning,
+                  method=(
                       "CUDA graph per case, L2 flushed (256 MiB write) before every replay, "
                       f"median of {args.reps} replays; floor = minimum bytes / copy bandwidth"))
     only = args.only.split(",")

@@ -1,7 +1,10 @@
 """Multi-adapter LoRA for one projection group: shrink + expand, two launches in all."""
 
 import functools
+import json
+import os
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 import triton
@@ -28,6 +31,9 @@ class LoraLaunchConfig:
     expand_warps: int
     split_k: int = 1
     k_per_split: int = 0  # columns of x per split, a multiple of block_k: use with_split_k
+    shrink_stages: int = 0  # 0: Triton's default software-pipelining depth
+    expand_stages: int = 0
+    expand_block_m: int = 0  # MBGMM expand rows per program (0: block_m)
 
     def with_split_k(self, in_width: int, split_k: int) -> "LoraLaunchConfig":
         k_blocks = triton.cdiv(in_width, self.block_k)
@@ -45,28 +51,53 @@ def _page_block(page_width: int, cap: int) -> int:
     return block if block >= 16 else min(32, cap)
 
 
+# Overrides of pick_config's choices, by path ("gmv": decode-like, "gmm": prefill), for tuning
+# runs: a JSON file {"gmv": {field: value}, "gmm": {...}} named by $SLORA_LORA_TUNING (written
+# by benchmarks/kernel_bench.py --sweep); empty in normal use.
+TUNED: dict[str, dict] = {"gmv": {}, "gmm": {}}
+if os.environ.get("SLORA_LORA_TUNING"):
+    _table = json.loads(Path(os.environ["SLORA_LORA_TUNING"]).read_text())
+    for _path, _overrides in TUNED.items():
+        _overrides.update(_table.get(_path, {}))
+
+
 def pick_config(max_seg_len: int, max_rank: int, page_width: int, in_width: int,
                 dtype) -> LoraLaunchConfig:
-    """Block shapes for the step (swept on an H200, Llama-3-8B q/k/v, ranks 8..64); K is
-    not split here (see pick_split_k)."""
+    """Block shapes for the step; K is not split here (see pick_split_k).
+
+    Swept on an H200 (benchmarks/kernel_bench.py --sweep: Llama-7B, P = 4096, 4096 -> 4096,
+    256 tokens on distinct S2 adapters / 16 x 256 prefill tokens, CUDA graphs, L2 flushed).
+    """
     ieee = dtype == torch.float32
     rank_pow2 = triton.next_power_of_2(max_rank)
     if max_seg_len <= GMV_MAX_SEG_LEN:
+        # Shrink: rank blocks of 8 rows (a rank-8 adapter next to rank-64 ones idles no
+        # lanes), 256 columns (512 B of a page row) per row and step, page ids loaded once
+        # per page. Expand: one tile covering the rank bucket (rows past an adapter's rank
+        # masked: no bytes read), 2 x 256 columns per program. At B=256 tokens on distinct
+        # S2 adapters (P = 4096, 4096 -> 4096): shrink 30 us (the first version, 16 x 256
+        # tiles reloading page ids per step: 46 us), expand 44 us, both 67 us; walking the
+        # rank in blocks in the expand measured 45 us, tensor-core variants 53 + 86 us.
         block_r_expand = max(8, rank_pow2)
         cfg = LoraLaunchConfig(
-            # Small rank blocks: more programs, and rank-8 adapters next to rank-64 ones
-            # do not idle three quarters of their lanes.
-            block_m=1, block_r=max(8, min(16, rank_pow2)), block_k=_page_block(page_width, 256),
+            block_m=1, block_r=8, block_k=_page_block(page_width, 256),
             block_r_expand=block_r_expand,
             block_n=_page_block(page_width, min(256, max(32, 16384 // block_r_expand))),
-            n_iters=2, use_dot=False, ieee=ieee, shrink_warps=2, expand_warps=2)
-        return cfg.with_split_k(in_width, 1)
+            n_iters=2, use_dot=False, ieee=ieee, shrink_warps=4, expand_warps=2,
+            shrink_stages=4, expand_stages=4)
+        return _tuned(cfg, "gmv").with_split_k(in_width, 1)
+    # 16 x 256 tokens, S2: shrink 32 us, expand 44 us with 16 column blocks per program
+    # (4: 49 us), both 83 us.
     block_m = min(max(triton.next_power_of_2(max_seg_len), 16), 64)
     cfg = LoraLaunchConfig(
         block_m=block_m, block_r=min(max(16, rank_pow2), 64), block_k=_page_block(page_width, 128),
-        block_r_expand=max(16, rank_pow2), block_n=_page_block(page_width, 64), n_iters=4,
+        block_r_expand=max(16, rank_pow2), block_n=_page_block(page_width, 64), n_iters=16,
         use_dot=True, ieee=ieee, shrink_warps=4, expand_warps=8)
-    return cfg.with_split_k(in_width, 1)
+    return _tuned(cfg, "gmm").with_split_k(in_width, 1)
+
+
+def _tuned(cfg: LoraLaunchConfig, path: str) -> LoraLaunchConfig:
+    return replace(cfg, **{k: v for k, v in TUNED[path].items() if k != "split_k"})
 
 
 @functools.cache
@@ -117,10 +148,16 @@ def lora_apply(x, y, pool_layer, batch, module_ids, out_offsets):
     widths = [end - off for off, end in zip(out_offsets, bounds, strict=True)]
     group = _group_table(module_ids, out_offsets, widths, x.device)
 
-    cfg = pick_config(batch.max_seg_len, batch.max_rank, page_width, x.shape[1], x.dtype)
-    split_k = pick_split_k(cfg, batch, len(module_ids), x.shape[1], x.device)
-    cfg = cfg.with_split_k(x.shape[1], split_k)
+    cfg = step_config(batch, len(module_ids), page_width, x.shape[1], x.dtype, x.device)
     return run_lora(x, y, pool_layer, batch, group, max(widths), cfg)
+
+
+def step_config(batch, n_mod: int, page_width: int, in_width: int, dtype, device):
+    """The launch configuration lora_apply uses for this step (K split included)."""
+    cfg = pick_config(batch.max_seg_len, batch.max_rank, page_width, in_width, dtype)
+    path = "gmv" if batch.max_seg_len <= GMV_MAX_SEG_LEN else "gmm"
+    split_k = TUNED[path].get("split_k") or pick_split_k(cfg, batch, n_mod, in_width, device)
+    return cfg.with_split_k(in_width, split_k)
 
 
 def run_lora(x, y, pool_layer, batch, group, max_width, cfg):

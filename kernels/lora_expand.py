@@ -102,20 +102,27 @@ def lora_expand(y, tmp, pool_layer, batch, group, max_width, cfg):
     """Add the scaled LoRA delta of every module slot into its column slice of y."""
     num_seg = batch.seg_adapter.shape[0]
     split_k, n_rows, nmod, max_rank = tmp.shape
+    page_width = pool_layer.shape[1]
     assert cfg.block_r_expand >= max_rank and (cfg.use_dot or cfg.block_m == 1)
-    m_blocks = triton.cdiv(batch.max_seg_len, cfg.block_m)
+    block_m = cfg.expand_block_m or cfg.block_m
+    m_blocks = triton.cdiv(batch.max_seg_len, block_m)
     cols_per_prog = cfg.block_n * cfg.n_iters
     n_progs = triton.cdiv(max_width, cols_per_prog)
     grid = (num_seg * m_blocks, nmod * n_progs)
-    _lora_expand_kernel[grid](
+    common = (
         y, y.stride(0), tmp, pool_layer,
         batch.seg_starts, batch.seg_adapter, batch.ranks, batch.scales, batch.b_starts,
         batch.page_ids, group,
         batch.ranks.shape[1], max_rank, m_blocks, n_progs, cols_per_prog, split_k,
         n_rows * nmod * max_rank,
-        NMOD=nmod, P=pool_layer.shape[1],
-        BLOCK_M=cfg.block_m, BLOCK_R=cfg.block_r_expand, BLOCK_N=cfg.block_n,
-        ALIGNED=pool_layer.shape[1] % cfg.block_n == 0,
-        USE_DOT=cfg.use_dot, IEEE=cfg.ieee,
-        num_warps=cfg.expand_warps,
     )
+    launch = {"num_warps": cfg.expand_warps}
+    if cfg.expand_stages:
+        launch["num_stages"] = cfg.expand_stages
+    _lora_expand_kernel[grid](
+        *common, NMOD=nmod, P=page_width,
+        BLOCK_M=block_m, BLOCK_R=cfg.block_r_expand, BLOCK_N=cfg.block_n,
+        ALIGNED=page_width % cfg.block_n == 0,
+        USE_DOT=cfg.use_dot, IEEE=cfg.ieee, **launch,
+    )
+

@@ -26,9 +26,9 @@ def _lora_shrink_kernel(
     NMOD: tl.constexpr, P: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     ALIGNED: tl.constexpr,    # BLOCK_K divides P: one page per (row, block), else per element
-    USE_DOT: tl.constexpr,    # MBGMM (tensor cores) vs MBGMV (BLOCK_M == 1, multiply + sum)
     IEEE: tl.constexpr,       # fp32 model: keep full precision instead of tf32
 ):
+    """MBGMM (tensor cores): BLOCK_M rows of one segment, BLOCK_R rank rows, one K split."""
     pid0 = tl.program_id(0)
     pid1 = tl.program_id(1)
     k_split = tl.program_id(2)
@@ -72,14 +72,10 @@ def _lora_shrink_kernel(
                            mask=a_mask, other=0)
             a_ptrs = pool_ptr + page.to(tl.int64) * P + (cols % P)[None, :]
         a = tl.load(a_ptrs, mask=a_mask, other=0.0)  # (BLOCK_R, BLOCK_K), contiguous along K
-        if USE_DOT:
-            if IEEE:
-                acc += tl.dot(x, tl.trans(a), input_precision="ieee")
-            else:
-                acc += tl.dot(x, tl.trans(a))
+        if IEEE:
+            acc += tl.dot(x, tl.trans(a), input_precision="ieee")
         else:
-            # One row (BLOCK_M == 1): x (1, BLOCK_K) broadcasts over A's rows, a 2-D reduce.
-            acc += tl.sum(a.to(tl.float32) * x.to(tl.float32), axis=1)[None, :]
+            acc += tl.dot(x, tl.trans(a))
 
     tmp_ptrs = (tmp_ptr + k_split * split_stride
                 + (offs_m[:, None] * NMOD + slot) * R_MAX + offs_r[None, :])
@@ -96,19 +92,108 @@ def lora_shrink(x, tmp, pool_layer, batch, group, cfg):
     num_seg = batch.seg_adapter.shape[0]
     split_k, n_rows, nmod, max_rank = tmp.shape
     in_width = x.shape[1]
+    page_width = pool_layer.shape[1]
     assert split_k == cfg.split_k and n_rows == x.shape[0]
     assert cfg.use_dot or cfg.block_m == 1
     m_blocks = triton.cdiv(batch.max_seg_len, cfg.block_m)
     r_blocks = triton.cdiv(max_rank, cfg.block_r)
     grid = (num_seg * m_blocks, nmod * r_blocks, split_k)
-    _lora_shrink_kernel[grid](
+    common = (
         x, x.stride(0), tmp, pool_layer,
         batch.seg_starts, batch.seg_adapter, batch.ranks, batch.a_starts, batch.page_ids, group,
         batch.ranks.shape[1], in_width, max_rank, m_blocks, r_blocks,
         cfg.k_per_split, n_rows * nmod * max_rank,
-        NMOD=nmod, P=pool_layer.shape[1],
-        BLOCK_M=cfg.block_m, BLOCK_R=cfg.block_r, BLOCK_K=cfg.block_k,
-        ALIGNED=pool_layer.shape[1] % cfg.block_k == 0,
-        USE_DOT=cfg.use_dot, IEEE=cfg.ieee,
-        num_warps=cfg.shrink_warps,
     )
+    launch = {"num_warps": cfg.shrink_warps}
+    if cfg.shrink_stages:
+        launch["num_stages"] = cfg.shrink_stages
+    if cfg.use_dot:
+        _lora_shrink_kernel[grid](
+            *common, NMOD=nmod, P=page_width,
+            BLOCK_M=cfg.block_m, BLOCK_R=cfg.block_r, BLOCK_K=cfg.block_k,
+            ALIGNED=page_width % cfg.block_k == 0, IEEE=cfg.ieee, **launch)
+    else:
+        _lora_shrink_gmv_kernel[grid](
+            *common, NMOD=nmod, P=page_width, BLOCK_R=cfg.block_r, BLOCK_K=cfg.block_k,
+            ALIGNED=page_width % cfg.block_k == 0 and cfg.k_per_split % cfg.block_k == 0,
+            **launch)
+
+
+@triton.jit
+def _lora_shrink_gmv_kernel(
+    x_ptr, x_stride,          # (T, K) model dtype, unit column stride
+    tmp_ptr,                  # (SPLIT_K, T, NMOD, R_MAX) fp32, contiguous
+    pool_ptr,                 # (N, P) model dtype, contiguous rows
+    seg_starts_ptr,           # (S+1,) int32
+    seg_adapter_ptr,          # (S,) int32
+    ranks_ptr,                # (7, A) int32
+    a_starts_ptr,             # (7, A) int32
+    page_ids_ptr,             # (total,) int32
+    group_ptr,                # (NMOD, 3) int32: module index, out offset, out width
+    num_adapters, K, R_MAX, m_blocks, r_blocks, k_per_split, split_stride,
+    NMOD: tl.constexpr, P: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    ALIGNED: tl.constexpr,    # BLOCK_K divides P (and k_per_split): page ids once per chunk
+):
+    """MBGMV: one row, BLOCK_R rank rows of A, one K split.
+
+    The page ids of the rank block are loaded once per page-sized chunk of K and then feed
+    P / BLOCK_K contiguous tile loads (a whole 2*P-byte page row per id); products
+    accumulate elementwise in a (BLOCK_R, BLOCK_K) tile, reduced once at the end, so the
+    loop body is loads and FMAs only.
+    """
+    pid0 = tl.program_id(0)
+    pid1 = tl.program_id(1)
+    k_split = tl.program_id(2)
+    seg = pid0 // m_blocks
+    slot = pid1 // r_blocks
+    adapter = tl.load(seg_adapter_ptr + seg)
+    if adapter < 0:
+        return
+    row = tl.load(seg_starts_ptr + seg) + pid0 % m_blocks
+    if row >= tl.load(seg_starts_ptr + seg + 1):
+        return
+    module = tl.load(group_ptr + slot * 3)
+    rank = tl.load(ranks_ptr + module * num_adapters + adapter)
+    r0 = (pid1 % r_blocks) * BLOCK_R
+    if r0 >= rank:
+        return
+    a_start = tl.load(a_starts_ptr + module * num_adapters + adapter)
+    n_chunks = tl.cdiv(K, P)
+
+    offs_r = r0 + tl.arange(0, BLOCK_R)
+    r_mask = offs_r < rank
+    offs_k = tl.arange(0, BLOCK_K)
+    row_pages = a_start + offs_r * n_chunks  # page-table slot of each A row's chunk 0
+    x_row = x_ptr + row.to(tl.int64) * x_stride
+
+    acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    k_begin = k_split * k_per_split
+    k_end = tl.minimum(k_begin + k_per_split, K)
+    if ALIGNED:
+        for c in range(k_begin // P, tl.cdiv(k_end, P)):
+            page = tl.load(page_ids_ptr + row_pages + c, mask=r_mask, other=0)
+            page_base = pool_ptr + page.to(tl.int64)[:, None] * P + offs_k[None, :]
+            c0 = c * P
+            for k0 in range(tl.maximum(k_begin, c0), tl.minimum(k_end, c0 + P), BLOCK_K):
+                cols = k0 + offs_k
+                k_mask = cols < k_end
+                x = tl.load(x_row + cols, mask=k_mask, other=0.0)
+                a = tl.load(page_base + (k0 - c0), mask=r_mask[:, None] & k_mask[None, :],
+                            other=0.0)
+                acc += a.to(tl.float32) * x.to(tl.float32)[None, :]
+    else:
+        for k0 in range(k_begin, k_end, BLOCK_K):
+            cols = k0 + offs_k
+            k_mask = cols < k_end
+            a_mask = r_mask[:, None] & k_mask[None, :]
+            x = tl.load(x_row + cols, mask=k_mask, other=0.0)
+            page = tl.load(page_ids_ptr + row_pages[:, None] + (cols // P)[None, :],
+                           mask=a_mask, other=0)
+            a = tl.load(pool_ptr + page.to(tl.int64) * P + (cols % P)[None, :], mask=a_mask,
+                        other=0.0)
+            acc += a.to(tl.float32) * x.to(tl.float32)[None, :]
+
+    out = tl.sum(acc, axis=1)
+    tl.store(tmp_ptr + k_split * split_stride + (row * NMOD + slot) * R_MAX + offs_r, out,
+             mask=r_mask)

@@ -8,6 +8,8 @@ multiply-and-reduce in registers (also for group size 1). Long sequences on a GP
 and merged by a second small kernel.
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -23,7 +25,7 @@ def _decode_attn_kernel(
     seq_lens_ptr,                 # (B,) int32
     o_ptr, o_sb, o_sh,            # (B, H, D) output, written when NUM_SPLITS == 1
     part_o_ptr, part_ml_ptr,      # (B, H, NUM_SPLITS, D), (B, H, NUM_SPLITS, 2) fp32
-    qk_scale, tokens_per_split,
+    qk_scale,
     GROUP: tl.constexpr, D: tl.constexpr, P: tl.constexpr, NUM_SPLITS: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
     IEEE: tl.constexpr,       # fp32 model: keep full precision instead of tf32
@@ -32,6 +34,10 @@ def _decode_attn_kernel(
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + b)
+    # The split follows this row's own length, not the table's width: a CUDA graph captured
+    # with a max_model_len-wide table does the same work as an eager step. Every split but
+    # the last few gets a whole number of BLOCK_T blocks; trailing splits may be empty.
+    tokens_per_split = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_T) * BLOCK_T
     t_start = split * tokens_per_split
     t_end = tl.minimum(t_start + tokens_per_split, seq_len)
 
@@ -113,17 +119,30 @@ def _decode_attn_merge_kernel(
 
 
 def _num_splits(batch: int, kv_heads: int, max_len: int, device) -> int:
-    if device.type != "cuda" or max_len <= 512:
+    """Splits per (row, KV head) so that the grid fills the GPU about twice over.
+
+    Chosen from batch x KV heads against the SM count; the table width only caps it
+    (a table narrower than 128 tokens per split cannot use more), which matters for
+    eager steps with short sequences. Each program then divides its row's real length.
+    """
+    if device.type != "cuda":
         return 1
-    target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    target = 2 * _sm_count(device.index if device.index is not None else 0)
     programs = batch * kv_heads
     if programs >= target:
         return 1
-    return max(1, min(triton.cdiv(target, programs), triton.cdiv(max_len, 256), 16))
+    return max(1, min(triton.cdiv(target, programs), triton.cdiv(max_len, 128), 16))
 
 
-def decode_attention(q, pool_layer, kv_pages, seq_lens, sm_scale, num_splits=None):
-    """paged_decode_attention with an explicit split count (tests force it on CPU)."""
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def decode_attention(q, pool_layer, kv_pages, seq_lens, sm_scale, num_splits=None,
+                     block_t=128, num_warps=4, num_stages=None):
+    """paged_decode_attention with an explicit split count (tests force it on CPU) and
+    launch parameters (benchmarks/kernel_bench.py --sweep)."""
     batch, n_heads, head_dim = q.shape
     page_width = pool_layer.shape[1]
     assert page_width % head_dim == 0 and n_heads % (page_width // head_dim) == 0
@@ -140,8 +159,6 @@ def decode_attention(q, pool_layer, kv_pages, seq_lens, sm_scale, num_splits=Non
 
     block_g = max(16, triton.next_power_of_2(group))
     block_d = max(16, triton.next_power_of_2(head_dim))
-    block_t = 64
-    tokens_per_split = triton.cdiv(triton.cdiv(max(max_len, 1), num_splits), block_t) * block_t
     if num_splits > 1:
         part_o = torch.empty((batch, n_heads, num_splits, head_dim),
                              dtype=torch.float32, device=q.device)
@@ -152,11 +169,11 @@ def decode_attention(q, pool_layer, kv_pages, seq_lens, sm_scale, num_splits=Non
         q, q.stride(0), q.stride(1), pool_layer,
         kv_pages, kv_pages.stride(0), kv_pages.stride(1), seq_lens,
         o, o.stride(0), o.stride(1), part_o, part_ml,
-        sm_scale * _LOG2E, tokens_per_split,
+        sm_scale * _LOG2E,
         GROUP=group, D=head_dim, P=page_width, NUM_SPLITS=num_splits,
         BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_T=block_t,
         IEEE=q.dtype == torch.float32,
-        num_warps=4,
+        num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}),
     )
     if num_splits > 1:
         _decode_attn_merge_kernel[(batch, n_heads)](

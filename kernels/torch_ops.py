@@ -162,3 +162,43 @@ def paged_decode_attention(q, pool_layer, kv_pages, seq_lens, sm_scale):
         probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0)  # empty sequences -> zeros
         out[:, h] = torch.bmm(probs, v[:, :, h])
     return out.view(batch, n_heads, head_dim).to(q.dtype)
+
+
+def rms_norm(x, weight, eps):
+    """weight * normalise(x): fp32 statistics, scaled in the model dtype, exactly as HF Llama."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def add_rms_norm(h, delta, weight, eps):
+    """h += delta (in place, in h's dtype, as `h = h + delta`), then rms_norm(h, weight, eps)."""
+    h.add_(delta)
+    return rms_norm(h, weight, eps)
+
+
+def apply_rope(x, cos, sin):
+    """x: (T, heads, D); cos/sin: (T, 1, D) in x's dtype, half-frequencies repeated (HF)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def rope_write_kv(qkv, cos, sin, pool_layer, k_pages, v_pages, n_heads, kv_heads, head_dim):
+    """Rotate q and k of qkv (T, (n_heads + 2 kv_heads) * head_dim) in place with cos/sin
+    (T, head_dim) fp32, then write k and v into their pool pages (negative pages skipped)."""
+    n_tokens = qkv.shape[0]
+    qw, kvw = n_heads * head_dim, kv_heads * head_dim
+    cos = cos.to(qkv.dtype)[:, None, :]
+    sin = sin.to(qkv.dtype)[:, None, :]
+    q = apply_rope(qkv[:, :qw].view(n_tokens, n_heads, head_dim), cos, sin)
+    k = apply_rope(qkv[:, qw : qw + kvw].view(n_tokens, kv_heads, head_dim), cos, sin)
+    qkv[:, :qw] = q.view(n_tokens, qw)
+    qkv[:, qw : qw + kvw] = k.view(n_tokens, kvw)
+    write_kv(pool_layer, qkv[:, qw : qw + kvw], qkv[:, qw + kvw :], k_pages, v_pages)
+
+
+def silu_mul(gate_up):
+    """gate_up (T, 2N) -> silu(gate) * up, (T, N)."""
+    n = gate_up.shape[1] // 2
+    return torch.nn.functional.silu(gate_up[:, :n]) * gate_up[:, n:]

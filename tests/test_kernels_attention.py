@@ -15,10 +15,10 @@ TRITON = get_ops("triton")
 TORCH = get_ops("torch")
 
 
-def make_cache(rng, seq_lens, kv_heads, head_dim, dtype):
+def make_cache(rng, seq_lens, kv_heads, head_dim, dtype, table_len=None):
     """NaN-poisoned pool whose K/V pages are scattered; unused table slots hold -1."""
     page_width = kv_heads * head_dim
-    max_len = max(seq_lens) + 3
+    max_len = table_len or max(seq_lens) + 3
     n_pages = 2 * sum(seq_lens) + 4
     perm = rng.permutation(n_pages)
     pool = torch.full((n_pages, page_width), float("nan"), dtype=torch.float64)
@@ -76,6 +76,22 @@ def test_paged_decode_attention(seq_lens, kv_heads, group, head_dim, dtype):
     # first case holds no token of its shorter sequences.
     got = decode_attention(*args, num_splits=3)
     torch.testing.assert_close(got.double().cpu(), expected, **tol)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3, 8])
+def test_wide_table_splits_by_row_length(num_splits):
+    # A CUDA graph's table is max_model_len wide: each row splits its own length, and rows
+    # shorter than the splits (1 token, 64 = one block) leave some splits empty.
+    seq_lens = [1, 64, 65, 300, 129]
+    rng = np.random.default_rng(num_splits)
+    torch.manual_seed(num_splits)
+    pool, kv_pages = make_cache(rng, seq_lens, 2, 32, torch.float32, table_len=2048)
+    q = torch.randn(len(seq_lens), 4, 32, dtype=torch.float64).float()
+    expected = reference(q, pool, kv_pages, seq_lens, 0.2)
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    got = decode_attention(q.to(DEVICE), pool.to(DEVICE), kv_pages.to(DEVICE), lens.to(DEVICE),
+                           0.2, num_splits=num_splits)
+    torch.testing.assert_close(got.double().cpu(), expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("num_splits", [1, 2])
