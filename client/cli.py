@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
 
 from client.perf_data import make_perf_data, parse_adapters, write_perf_data
-from client.triton_client import DEFAULT_URLS, MODEL_NAME, GenerationError, stream_generate
+from client.triton_client import DEFAULT_URLS, MODEL_NAME, GenerationError, generate, stream_generate
 
 log = logging.getLogger("client")
 
@@ -45,6 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--timeout", type=float, default=600.0)
     g.add_argument("--show-ids", action="store_true", help="print the token ids to stderr")
     g.add_argument("--quiet", "-q", action="store_true", help="no summary line on stderr")
+
+    a = sub.add_parser("adapters", help="list, load or unload adapters on the running server")
+    a.add_argument("action", choices=["list", "load", "unload"])
+    a.add_argument("name", nargs="?", help="adapter name (load, unload)")
+    a.add_argument("--protocol", "-i", choices=["grpc", "http"], default="grpc")
+    a.add_argument("--url", "-u", default=None)
+    a.add_argument("--model", "-m", default="slora")
 
     p = sub.add_parser("perf-data", help="write perf_analyzer --input-data JSON")
     p.add_argument("--adapters", default="",
@@ -107,6 +115,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_adapters(args: argparse.Namespace) -> int:
+    """One JSON answer from the model's `command` input, printed to stdout."""
+    if args.action != "list" and not args.name:
+        print(f"adapters {args.action} needs an adapter name", file=sys.stderr)
+        return 2
+    inputs = {"command": f"{args.action}_adapter" + ("s" if args.action == "list" else "")}
+    if args.name:
+        inputs["adapter_id"] = args.name
+    try:
+        done = generate(args.url, args.protocol, model=args.model, stream=False, **inputs)
+    except GenerationError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(json.loads(done.text), indent=1))
+    return 0
+
+
 def cmd_perf_data(args: argparse.Namespace) -> int:
     adapters = parse_adapters(args.adapters)
     doc = make_perf_data(adapters, args.input_len, args.output_len, args.count,
@@ -124,4 +149,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "generate":
         return cmd_generate(args)
+    if args.command == "adapters":
+        return cmd_adapters(args)
     return cmd_perf_data(args)

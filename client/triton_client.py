@@ -41,6 +41,7 @@ INPUTS: dict[str, tuple[str, Any, bool]] = {
     "ignore_eos": ("BOOL", np.bool_, False),
     "stream": ("BOOL", np.bool_, False),
     "chat": ("BOOL", np.bool_, False),
+    "command": ("BYTES", np.object_, False),  # list_adapters | load_adapter | unload_adapter
 }
 OUTPUTS = ("text_output", "token_ids", "finish_reason")
 
@@ -318,7 +319,7 @@ def stream_generate(
     if protocol not in DEFAULT_URLS:
         raise ValueError(f"protocol must be grpc or http, got {protocol!r}")
     url = url or DEFAULT_URLS[protocol]
-    if inputs.get("text_input") is None and inputs.get("input_ids") is None:
+    if inputs.get("text_input") is None and inputs.get("input_ids") is None and not inputs.get("command"):
         raise ValueError("give text_input or input_ids")
     if protocol == "http":
         return _stream_http(url, model, inputs, inputs.get("stream", True) is not False, timeout)

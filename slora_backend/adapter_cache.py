@@ -70,6 +70,7 @@ class AdapterCache:
         self.resident: OrderedDict[str, ResidentAdapter] = OrderedDict()  # LRU first
         self.loads = 0
         self.evictions = 0
+        self.dropping: set[str] = set()  # unloaded by the operator: leave once idle
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
     # -- host tier -----------------------------------------------------------------------
@@ -158,6 +159,23 @@ class AdapterCache:
 
     def release(self, name: str) -> None:
         self.resident[name].refs -= 1
+        self.drop_if_idle(name)
+
+    def drop(self, name: str) -> None:
+        """Unload: leave the GPU and host memory as soon as no running request uses it."""
+        self.dropping.add(name)
+        self.drop_if_idle(name)
+
+    def drop_if_idle(self, name: str) -> None:
+        if name not in self.dropping:
+            return
+        res = self.resident.get(name)
+        if res is not None:
+            if res.refs > 0 or (res.ready is not None and not res.ready.query()):
+                return
+            self.evict(name)
+        self.host.pop(name, None)
+        self.dropping.discard(name)
 
     # -- per-step tables -----------------------------------------------------------------
     def lora_tables(self, seg_names: list[str | None]) -> LoraTables:

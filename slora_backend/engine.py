@@ -7,6 +7,7 @@ from any thread; only the engine thread touches the scheduler, the pool and the 
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -18,7 +19,7 @@ import torch
 from kernels import get_ops
 
 from .adapter_cache import AdapterCache
-from .adapters import AdapterError, HostAdapter
+from .adapters import ADAPTER_NAME_RE, AdapterError, HostAdapter, resolve_adapter_dir, validate_name
 from .checkpoint import ModelSpec, load_base_weights, read_spec
 from .config import EngineConfig
 from .cuda_graphs import DecodeGraphs
@@ -109,6 +110,8 @@ class Engine:
                                        pages)
             self.graphs.capture()
         self._adapter_lock = threading.Lock()  # host registry is filled from caller threads
+        self._unloaded: set[str] = set()  # refused for new requests until loaded again
+        self.requests_served: dict[str, int] = {}  # finished requests per adapter
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._tracked: dict[int, _Tracked] = {}
@@ -156,6 +159,8 @@ class Engine:
         adapter_pages = 0
         if adapter is not None:
             with self._adapter_lock:
+                if adapter in self._unloaded:
+                    raise RequestError(f"adapter {adapter!r} is unloaded; load it again to use it")
                 try:
                     adapter_pages = self.adapters.get_host(adapter).n_pages
                 except AdapterError as e:
@@ -187,6 +192,83 @@ class Engine:
     def cancel(self, request_id: int) -> None:
         self._inbox.put(("cancel", request_id))
         self._wake.set()
+
+    # -- adapter lifecycle (no restart) -----------------------------------------------------
+    def load_adapter(self, name: str) -> dict:
+        """Read and validate adapter `name` from the adapter directory into host memory."""
+        with self._adapter_lock:
+            try:
+                validate_name(name)
+                self._unloaded.discard(name)
+                self._call_in_engine(lambda: self.adapters.dropping.discard(name))
+                self.adapters.get_host(name)
+            except AdapterError as e:
+                raise RequestError(str(e)) from None
+        return next(a for a in self.list_adapters() if a["name"] == name)
+
+    def unload_adapter(self, name: str) -> dict:
+        """New requests for `name` are refused; running ones finish, then its memory is freed."""
+        with self._adapter_lock:
+            try:
+                validate_name(name)
+            except AdapterError as e:
+                raise RequestError(str(e)) from None
+            known = name in self.adapters.host or name in self.adapters.resident
+            if not known:  # still on disk only: unloading it blocks its first use
+                try:
+                    resolve_adapter_dir(self.config.adapter_dir, name)
+                except AdapterError:
+                    raise RequestError(f"adapter {name!r} is not loaded") from None
+            self._unloaded.add(name)
+        self._call_in_engine(lambda: self.adapters.drop(name))
+        return {"name": name, "unloaded": True}
+
+    def list_adapters(self) -> list[dict]:
+        """Every adapter: name, rank, target modules, tier (gpu/host/disk), bytes, requests served."""
+
+        def collect() -> list[dict]:
+            out = {}
+            for name, host in list(self.adapters.host.items()):
+                out[name] = {"name": name, "rank": host.rank, "target_modules": host.target_modules,
+                             "tier": "host", "bytes": host.nbytes}
+            for name, res in self.adapters.resident.items():
+                out[name] = {"name": name, "rank": res.host.rank, "target_modules": res.host.target_modules,
+                             "tier": "gpu", "bytes": res.host.nbytes}
+            return list(out.values())
+
+        entries = {e["name"]: e for e in self._call_in_engine(collect)}
+        for name in self._adapter_dir_names():
+            entries.setdefault(name, {"name": name, "rank": None, "target_modules": None, "tier": "disk",
+                                      "bytes": None})
+        for name, entry in entries.items():
+            entry["requests_served"] = self.requests_served.get(name, 0)
+            entry["unloaded"] = name in self._unloaded
+        return sorted(entries.values(), key=lambda e: e["name"])
+
+    def _adapter_dir_names(self, limit: int = 100_000) -> list[str]:
+        root = self.config.adapter_dir
+        if not root or not os.path.isdir(root):
+            return []
+        names = []
+        with os.scandir(root) as it:
+            for entry in it:
+                if len(names) >= limit:
+                    break
+                if entry.is_dir() and ADAPTER_NAME_RE.fullmatch(entry.name) and ".." not in entry.name:
+                    names.append(entry.name)
+        return names
+
+    def _call_in_engine(self, fn, timeout: float = 60.0):
+        """Run fn on the engine thread (which owns the adapter cache) and return its result."""
+        if threading.current_thread() is self._thread or not self._thread.is_alive():
+            return fn()
+        reply: queue.SimpleQueue = queue.SimpleQueue()
+        self._inbox.put(("call", (fn, reply)))
+        self._wake.set()
+        ok, value = reply.get(timeout=timeout)
+        if not ok:
+            raise value
+        return value
 
     def evict_idle_adapters(self) -> None:
         """Drop every adapter without running requests from the pool (benchmarks start cold)."""
@@ -279,6 +361,12 @@ class Engine:
                                                skip_ids=eos)
                 self._tracked[req.request_id] = _Tracked(req, detok, list(req.params.stop))
                 self.scheduler.add(req)
+            elif kind == "call":
+                fn, reply = item
+                try:
+                    reply.put((True, fn()))
+                except Exception as e:  # handed back to the caller's thread
+                    reply.put((False, e))
             elif kind == "evict_idle":
                 self.adapters.evict_all_idle()
             elif kind == "cancel":
@@ -352,6 +440,8 @@ class Engine:
 
     def _finish(self, t: _Tracked, reason: FinishReason, error: str | None = None) -> None:
         req = t.req
+        if req.adapter is not None:
+            self.requests_served[req.adapter] = self.requests_served.get(req.adapter, 0) + 1
         self.scheduler.finish(req)
         self.sampler.forget(req)
         self._tracked.pop(req.request_id, None)

@@ -33,8 +33,10 @@ BOOL_FIELDS = ("ignore_eos", "stream", "chat", "exclude_input_in_output")
 INPUT_NAMES = (
     "text_input", "input_ids", "adapter_id", "max_tokens", "temperature", "top_p", "top_k",
     "seed", "stop", "ignore_eos", "stream", "chat", "sampling_parameters",
-    "exclude_input_in_output",
+    "exclude_input_in_output", "command",
 )
+# `command`: generate (default) or an adapter-lifecycle operation answered with JSON.
+COMMANDS = ("generate", "list_adapters", "load_adapter", "unload_adapter")
 # Request-parameter / sampling_parameters keys we read (besides INPUT_NAMES).
 EXTRA_KEYS = ("min_tokens", "lora_name")
 # vLLM sampling keys we do not implement: accepted only at their neutral value, so a vllm_backend
@@ -135,6 +137,23 @@ def parse_request(get_input: GetInput, parameters_json: str | None) -> ParsedReq
         chat=flag("chat", False),
         exclude_input_in_output=flag("exclude_input_in_output", True),
     )
+
+
+def parse_command(get_input: GetInput, parameters_json: str | None) -> tuple[str, str | None]:
+    """(command, adapter_id) of a request; command is one of COMMANDS."""
+    arr = get_input("command")
+    value = _from_tensor("command", arr) if arr is not None else _request_parameters(parameters_json).get("command")
+    command = "generate" if value is None else _as_str("command", value).strip() or "generate"
+    if command not in COMMANDS:
+        raise RequestError(f"unknown command {command!r}; known: {', '.join(COMMANDS)}")
+    if command in ("generate", "list_adapters"):
+        return command, None
+    arr = get_input("adapter_id")
+    name = _from_tensor("adapter_id", arr) if arr is not None else _request_parameters(parameters_json).get(
+        "adapter_id")
+    if not name:
+        raise RequestError(f"{command} needs adapter_id")
+    return command, _as_str("adapter_id", name)
 
 
 def _sampling_parameters(get_input: GetInput, parameters_json: str | None) -> dict:

@@ -135,3 +135,39 @@ def test_chat_template_prompt(engine):
     outs = run_batch(engine, [dict(prompt="hi", chat=True, params=greedy(4))])[0]
     assert outs[-1].prompt_tokens > len(AutoTokenizer.from_pretrained(
         engine.config.model_dir)("hi")["input_ids"])
+
+
+def test_adapter_lifecycle_list_unload_load(engine):
+    """List shows tiers and counts; unload refuses new requests, lets running ones finish and
+    frees the adapter's pages; load makes it servable again. No restart."""
+    by_name = {a["name"]: a for a in engine.list_adapters()}
+    assert "a1" in by_name and by_name["a1"]["tier"] in ("disk", "host", "gpu")
+    served = by_name["a1"]["requests_served"]
+
+    q: queue.SimpleQueue = queue.SimpleQueue()
+    engine.submit(prompt="in flight", adapter="a1", params=greedy(30), on_output=q.put)
+    assert not q.get(timeout=60).finished  # running
+    info = {a["name"]: a for a in engine.list_adapters()}["a1"]
+    assert info["tier"] == "gpu" and info["rank"] == 4 and info["target_modules"] == ["q_proj", "v_proj"]
+    assert engine.unload_adapter("a1")["unloaded"]
+    with pytest.raises(RequestError, match="unloaded"):
+        engine.submit(prompt="new", adapter="a1", params=greedy(3), on_output=lambda o: None)
+    while not (out := q.get(timeout=60)).finished:
+        pass
+    assert out.error is None and out.generated_tokens == 30  # the running request finished normally
+    info = {a["name"]: a for a in engine.list_adapters()}["a1"]
+    assert info["unloaded"] and info["tier"] == "disk" and info["requests_served"] == served + 1
+    assert engine.stats()["pool"]["pages_adapter"] == 0
+
+    assert engine.load_adapter("a1")["tier"] == "host"
+    outs = run_batch(engine, [dict(prompt="again", adapter="a1", params=greedy(3))])[0]
+    assert outs[-1].error is None and len(tokens_of(outs)) == 3
+
+
+def test_lifecycle_errors_are_clear(engine):
+    with pytest.raises(RequestError, match="invalid adapter name"):
+        engine.load_adapter("../a1")
+    with pytest.raises(RequestError, match="unknown adapter"):
+        engine.load_adapter("missing")
+    with pytest.raises(RequestError, match="not loaded"):
+        engine.unload_adapter("missing")

@@ -383,3 +383,27 @@ def test_serve_script_serves_a_model_and_adapters(assets, tmp_path):
         assert [t for r in got for t in r["token_ids"]] == reference(assets, "all4", ids, 4)
     finally:
         stop_process_group(proc)
+
+
+def test_adapter_lifecycle_through_triton(assets, server):
+    """list / unload / load through the `command` input, without a restart; the unloaded
+    adapter is refused with an error response, and comes back exactly after load."""
+    def command(body: dict) -> dict:
+        events = http_generate_stream(server.http_url, body)
+        assert len(events) == 1, events
+        return events[0]
+
+    listed = json.loads(command({"command": "list_adapters"})["text_output"])
+    assert {"qv8", "all4", "mlp16"} <= {a["name"] for a in listed}
+    assert all({"name", "rank", "target_modules", "tier", "bytes", "requests_served"} <= set(a) for a in listed)
+
+    ids = prompts(1, seed=9)[0]
+    body = {"input_ids": ids, "adapter_id": "mlp16", "max_tokens": MAX_TOKENS, "ignore_eos": True}
+    assert json.loads(command({"command": "unload_adapter", "adapter_id": "mlp16"})["text_output"])["unloaded"]
+    assert "unloaded" in command(body).get("error", "")
+    loaded = json.loads(command({"command": "load_adapter", "adapter_id": "mlp16"})["text_output"])
+    assert loaded["name"] == "mlp16" and loaded["rank"] == 16
+    events = http_generate_stream(server.http_url, body)
+    assert [t for e in events for t in ids_of(e)] == reference(assets, "mlp16", ids)
+    assert "unknown command" in command({"command": "explode"}).get("error", "")
+    assert "unknown adapter" in command({"command": "load_adapter", "adapter_id": "nope"}).get("error", "")

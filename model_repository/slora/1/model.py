@@ -176,6 +176,10 @@ class TritonPythonModel:
         for request in requests:
             sender = request.get_response_sender()
             try:
+                command, name = triton_io.parse_command(lambda n, r=request: _input(r, n), request.parameters())
+                if command != "generate":
+                    self._lifecycle(sender, command, name)
+                    continue
                 parsed = triton_io.parse_request(
                     lambda name, r=request: _input(r, name), request.parameters())
             except RequestError as e:
@@ -214,6 +218,19 @@ class TritonPythonModel:
         for live in left:
             if not live.done:
                 self._send_error(live, "the model is being unloaded")
+
+    def _lifecycle(self, sender, command: str, name: str | None) -> None:
+        """Adapter list/load/unload: one JSON answer with the FINAL flag (errors as errors)."""
+        if command == "list_adapters":
+            result = self.engine.list_adapters()
+        elif command == "load_adapter":
+            result = self.engine.load_adapter(name)
+        else:
+            result = self.engine.unload_adapter(name)
+        self.log.log_info(f"slora: {command} {name or ''}")
+        arrays = triton_io.output_arrays(json.dumps(result), [], "stop")
+        sender.send(pb_utils.InferenceResponse(
+            output_tensors=[pb_utils.Tensor(k, v) for k, v in arrays.items()]), flags=FINAL)
 
     # -- helpers -------------------------------------------------------------------------
     def _reject(self, sender, adapter: str | None, message: str) -> None:
