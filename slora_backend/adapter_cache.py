@@ -54,8 +54,6 @@ class AdapterCacheStats:
     resident: int = 0
     loads: int = 0
     evictions: int = 0
-    load_seconds: float = 0.0
-    resident_names: list[str] = field(default_factory=list)
 
 
 class AdapterCache:
@@ -226,8 +224,7 @@ class AdapterCache:
 
     def stats(self) -> AdapterCacheStats:
         return AdapterCacheStats(registered=len(self.host), resident=len(self.resident),
-                                 loads=self.loads, evictions=self.evictions,
-                                 resident_names=list(self.resident))
+                                 loads=self.loads, evictions=self.evictions)
 
 
 __all__ = ["AdapterCache", "AdapterCacheStats", "OutOfPages", "ResidentAdapter"]

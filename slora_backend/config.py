@@ -22,7 +22,6 @@ class EngineConfig:
     max_queue: int = 1024  # waiting requests; beyond it submit() answers "busy"
     max_model_len: int = 0  # 0 = the model's max_position_embeddings
     max_tokens_limit: int = 4096  # largest max_tokens a request may ask for
-    host_adapter_budget_mb: int = 0  # reserved for the disk tier; 0 = unlimited host memory
     cuda_graphs: bool = True  # on CUDA with the Triton kernels: replay decode steps from graphs
     # Benchmarks only: "N:RANKS:TARGETS" registers N random adapters adapter-00000.. at start,
     # ranks drawn from RANKS (e.g. 64,32,16,8), TARGETS qkvo or all. Empty = none.

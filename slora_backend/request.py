@@ -87,7 +87,6 @@ class Request:
     status: Status = Status.WAITING
     kv_pages: list[int] = field(default_factory=list)  # 2 per computed token: K page, V page
     num_computed: int = 0  # tokens whose K/V are in the pool
-    cancelled: bool = False
     preemptions: int = 0
     first_token_time: float | None = None
 
