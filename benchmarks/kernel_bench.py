@@ -533,6 +533,60 @@ def sweep(timer, bw, out: Path, quick: bool = False):
             print(f"attn B={b:<4} {r['t'] * 1e6:7.1f} us {r['cfg']}")
 
 
+def variants(timer, bw, out: Path):
+    """MBGMV shapes against the default: the fixed-count (unrolled) loops, wider column blocks
+    and K splits; each timed alone, the best pair timed together and checked against torch."""
+    cases = {"decode B=256 S2": ([1] * 256, [S2[i % 4] for i in range(256)]),
+             "decode B=256 r8": ([1] * 256, [8] * 256),
+             "decode B=64 S2": ([1] * 64, [S2[i % 4] for i in range(64)])}
+    expand = [{}] + [dict(expand_unroll=True, block_n=n, n_iters=i, expand_warps=w)
+                     for n, i, w in itertools.product((256, 512), (2, 4), (2, 4))]
+    shrink = [{}] + [dict(shrink_unroll=u, block_k=k, split_k=sp)
+                     for u, k, sp in itertools.product((False, True), (256, 512), (0, 4, 8))]
+    rows = []
+    for name, (seg_lens, ranks) in cases.items():
+        case = LoraCase(seg_lens, ranks)
+        base = default_cfg(case)
+
+        def cfg_of(kw, base=base):
+            kw = dict(kw)
+            split = kw.pop("split_k", 0) or base.split_k
+            return replace(base, **kw).with_split_k(HIDDEN, split)
+
+        timed = {"expand": [], "shrink": []}
+        for kind, grid in (("expand", expand), ("shrink", shrink)):
+            for kw in grid:
+                sh, ex, _ = case.parts(cfg_of(kw))
+                try:
+                    t = timer(ex if kind == "expand" else sh)
+                except Exception as exc:  # noqa: BLE001 - a shape the compiler rejects
+                    log.info("%s %s %s failed: %r", name, kind, kw, exc)
+                    continue
+                timed[kind].append((t, kw))
+        best_e = min(timed["expand"], key=lambda r: r[0])
+        best_s = min(timed["shrink"], key=lambda r: r[0])
+        both_kw = {**best_s[1], **best_e[1]}
+        _, _, both = case.parts(cfg_of(both_kw))
+        t_both, err = timer(both), check_lora(case, both)
+        _, _, default_both = case.parts(cfg_of({}))
+        t_default = timer(default_both)
+        floor = case.bytes / bw
+        row = dict(case=name, default_s=t_default, default_bw_fraction=floor / t_default,
+                   best_s=t_both, best_bw_fraction=floor / t_both, best_cfg=both_kw, rel_err=err,
+                   expand=[dict(t=t, cfg=kw) for t, kw in timed["expand"]],
+                   shrink=[dict(t=t, cfg=kw) for t, kw in timed["shrink"]])
+        rows.append(row)
+        log.info("%-18s default %.1f us (%.2f) -> best %.1f us (%.2f) err %.1e %s", name,
+                 t_default * 1e6, floor / t_default, t_both * 1e6, floor / t_both, err, both_kw)
+        for kind in ("shrink", "expand"):
+            for t, kw in sorted(timed[kind], key=lambda r: r[0])[:4]:
+                log.info("   %-6s %7.1f us %s", kind, t * 1e6, kw)
+        del case
+    (out / "kernel_variants.json").write_text(json.dumps(dict(
+        device=torch.cuda.get_device_name(), copy_bandwidth_Bps=bw, date=time.strftime("%Y-%m-%d"),
+        rows=rows), indent=1))
+
+
 # -- main ---------------------------------------------------------------------------------
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -540,6 +594,8 @@ def main():
     parser.add_argument("--reps", type=int, default=50)
     parser.add_argument("--sweep", action="store_true", help="block-shape sweeps instead")
     parser.add_argument("--quick", action="store_true", help="with --sweep: the short sweep")
+    parser.add_argument("--variants", action="store_true",
+                        help="MBGMV variants (unrolled loops, block shapes) against the default")
     parser.add_argument("--only", default="lora,attention,elementwise")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -550,6 +606,9 @@ def main():
     timer = Timer(args.reps)
     if args.sweep:
         sweep(timer, bw, out, args.quick)
+        return
+    if args.variants:
+        variants(timer, bw, out)
         return
     ops = get_ops("triton")
     from kernels.lora import TUNED  # $SLORA_LORA_TUNING overrides, if any

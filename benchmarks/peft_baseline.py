@@ -60,6 +60,18 @@ def build(shape: str, n: int, ranks, device, dtype, seed: int = 0):
     return peft_model
 
 
+def write_report(args, device, trace, done, tokens, latencies, elapsed) -> dict:
+    """Written after every batch, so that a run cut short still leaves its numbers."""
+    report = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "args": vars(args),
+              "date": time.strftime("%Y-%m-%d"), "requests": len(trace), "finished": done,
+              "elapsed_s": elapsed, "throughput_req_s": done / elapsed, "throughput_tok_s": tokens / elapsed,
+              "latency_avg": float(np.mean(latencies)) if latencies else None}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"peft_baseline_{args.setting}_n{args.n}.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="llama-7b", choices=sorted(SHAPES))
@@ -70,6 +82,7 @@ def main() -> int:
     ap.add_argument("--max-len", type=int, default=512)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--time-limit", type=float, default=120.0)
+    ap.add_argument("--max-wait", type=float, default=2.0, help="seconds to wait for a batch to fill")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -85,8 +98,9 @@ def main() -> int:
     while pending and time.monotonic() - start < args.time_limit:
         now = time.monotonic() - start
         ready = [r for r in pending if r.arrival <= now][: args.batch]
-        if not ready:
-            time.sleep(min(0.01, pending[0].arrival - now))
+        # A batch runs until its longest output is done, so fill it first (up to --max-wait).
+        if len(ready) < min(args.batch, len(pending)) and now - pending[0].arrival < args.max_wait:
+            time.sleep(0.01)
             continue
         for r in ready:
             pending.remove(r)
@@ -106,14 +120,8 @@ def main() -> int:
         tokens += sum(r.output_len for r in ready)
         latencies += [finish - r.arrival for r in ready]
         log.info("batch of %d done at %.1fs (%d finished, %d pending)", len(ready), finish, done, len(pending))
-    elapsed = time.monotonic() - start
-    report = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "args": vars(args),
-              "requests": len(trace), "finished": done, "elapsed_s": elapsed,
-              "throughput_req_s": done / elapsed, "throughput_tok_s": tokens / elapsed,
-              "latency_avg": float(np.mean(latencies)) if latencies else None}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"peft_baseline_{args.setting}_n{args.n}.json").write_text(json.dumps(report, indent=2))
+        report = write_report(args, device, trace, done, tokens, latencies, time.monotonic() - start)
+    report = write_report(args, device, trace, done, tokens, latencies, time.monotonic() - start)
     print(json.dumps({k: report[k] for k in ("finished", "requests", "throughput_req_s", "latency_avg")}))
     return 0
 

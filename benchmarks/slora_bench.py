@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from client.workload import RequestTiming, WorkloadSpec, make_trace, summarize  # noqa: E402
 from slora_backend.checkpoint import MODULES  # noqa: E402
 from slora_backend.config import EngineConfig  # noqa: E402
-from slora_backend.dummy import register_dummy_adapters  # noqa: E402
+from slora_backend.dummy import dummy_spec, register_dummy_adapters  # noqa: E402
 from slora_backend.engine import Engine  # noqa: E402
 from slora_backend.request import SamplingParams  # noqa: E402
 
@@ -104,12 +104,19 @@ def main() -> int:
     ap.add_argument("--alpha", type=float, default=1.0)
     ap.add_argument("--max-len", type=int, default=512, help="upper end of input/output lengths")
     ap.add_argument("--no-base", action="store_true", help="skip the no-LoRA ceiling run")
+    ap.add_argument("--pool-gb", type=float, default=0.0,
+                    help="fix the pool size (GB) instead of filling the GPU: small pools reach "
+                         "preemption quickly, which measures pool use at the first preemption")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     ns = [int(x) for x in args.n.split(",")]
-    engine = Engine(EngineConfig(model_dir=args.model, max_model_len=2048, max_batch_size=512,
-                                 max_prefill_tokens=8192))
+    config = EngineConfig(model_dir=args.model, max_model_len=2048, max_batch_size=512,
+                          max_prefill_tokens=8192)
+    if args.pool_gb > 0:
+        spec = dummy_spec(args.model, config.max_model_len)
+        config.pool_pages = int(args.pool_gb * 1e9) // (spec.layers * spec.page_width * 2)
+    engine = Engine(config)
     host_ratio = register_adapters(engine, max(ns), SETTINGS[args.setting], args.targets)
     free, total = torch.cuda.mem_get_info() if engine.device.type == "cuda" else (0, 1)
     results = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",

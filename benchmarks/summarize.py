@@ -40,6 +40,8 @@ def main() -> int:
     server = load(results, "server_vs_inprocess_h200.json")
     kern = load(results, "kernel_bench.json")
     peft = load(results, "peft_baseline_S2_n100.json")
+    # A run with a small pool (slora_bench.py --pool-gb) that reaches preemption quickly.
+    preempt = load(results, "slora_S2_qkvo_preempt_h200.json")
     floor_ratio = None
     if step:
         graph_rows = [r for r in step["rows"] if r["batch"] >= 64 and r["mode"] == "lora/graph"]
@@ -59,8 +61,8 @@ def main() -> int:
         "s2_n1000_req_per_s": s2["runs"]["n1000"]["throughput_req_s"] if s2 and "n1000" in s2["runs"] else None,
         "gpu_memory_used_fraction": next((r["gpu_memory_used_fraction"] for r in (s1, s2) if r), None),
         "pool_pages_used_at_first_preemption": next(
-            (r.get("pool_pages_used_at_first_preemption") for r in (s2, s1) if r and
-             r.get("pool_pages_used_at_first_preemption") is not None), None),
+            (r["pool_pages_used_at_first_preemption"] for r in (preempt, s2, s1)
+             if r and r.get("pool_pages_used_at_first_preemption") is not None), None),
         "sources": sorted(p.name for p in results.glob("*.json") if p.name != "summary.json"),
     }
     (results / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -9,7 +9,14 @@ import sys
 import time
 
 from client.perf_data import make_perf_data, parse_adapters, write_perf_data
-from client.triton_client import DEFAULT_URLS, MODEL_NAME, GenerationError, generate, stream_generate
+from client.triton_client import (
+    DEFAULT_URLS,
+    MODEL_NAME,
+    GenerationError,
+    generate,
+    stream_generate,
+    upload_adapter,
+)
 
 log = logging.getLogger("client")
 
@@ -47,9 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--show-ids", action="store_true", help="print the token ids to stderr")
     g.add_argument("--quiet", "-q", action="store_true", help="no summary line on stderr")
 
-    a = sub.add_parser("adapters", help="list, load or unload adapters on the running server")
-    a.add_argument("action", choices=["list", "load", "unload"])
-    a.add_argument("name", nargs="?", help="adapter name (load, unload)")
+    a = sub.add_parser("adapters", help="list, load, unload or upload adapters on the running server")
+    a.add_argument("action", choices=["list", "load", "unload", "upload"])
+    a.add_argument("name", nargs="?", help="adapter name (load, unload, upload)")
+    a.add_argument("dir", nargs="?", help="upload: PEFT adapter directory "
+                   "(adapter_config.json + adapter_model.safetensors)")
     a.add_argument("--protocol", "-i", choices=["grpc", "http"], default="grpc")
     a.add_argument("--url", "-u", default=None)
     a.add_argument("--model", "-m", default="slora")
@@ -120,15 +129,21 @@ def cmd_adapters(args: argparse.Namespace) -> int:
     if args.action != "list" and not args.name:
         print(f"adapters {args.action} needs an adapter name", file=sys.stderr)
         return 2
+    if args.action == "upload" and not args.dir:
+        print("adapters upload needs NAME and DIR", file=sys.stderr)
+        return 2
     inputs = {"command": f"{args.action}_adapter" + ("s" if args.action == "list" else "")}
     if args.name:
         inputs["adapter_id"] = args.name
     try:
-        done = generate(args.url, args.protocol, model=args.model, stream=False, **inputs)
+        if args.action == "upload":
+            result = upload_adapter(args.name, args.dir, args.url, args.protocol, model=args.model)
+        else:
+            result = json.loads(generate(args.url, args.protocol, model=args.model, stream=False, **inputs).text)
     except GenerationError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(json.dumps(json.loads(done.text), indent=1))
+    print(json.dumps(result, indent=1))
     return 0
 
 

@@ -14,12 +14,15 @@ all but the last one. A server-side error raises `GenerationError`.
 
 from __future__ import annotations
 
+import base64
+import http.client
 import json
 import queue
 import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -41,7 +44,9 @@ INPUTS: dict[str, tuple[str, Any, bool]] = {
     "ignore_eos": ("BOOL", np.bool_, False),
     "stream": ("BOOL", np.bool_, False),
     "chat": ("BOOL", np.bool_, False),
-    "command": ("BYTES", np.object_, False),  # list_adapters | load_adapter | unload_adapter
+    "command": ("BYTES", np.object_, False),  # list/load/unload/upload_adapter
+    "adapter_config": ("BYTES", np.object_, False),  # upload_adapter: adapter_config.json text
+    "adapter_weights": ("BYTES", np.object_, False),  # upload_adapter: safetensors file bytes
 }
 OUTPUTS = ("text_output", "token_ids", "finish_reason")
 
@@ -104,7 +109,9 @@ def build_http_body(**values: Any) -> dict[str, Any]:
     """JSON body for `POST /v2/models/<m>/generate[_stream]` (keys = input names)."""
     body: dict[str, Any] = {}
     for name, datatype, arr in build_inputs(**values):
-        if datatype == "BYTES":
+        if name == "adapter_weights":  # binary: JSON carries it as base64 (the model decodes it)
+            items = ["base64:" + base64.b64encode(b).decode("ascii") for b in arr]
+        elif datatype == "BYTES":
             items = [b.decode("utf-8") for b in arr]
         else:
             items = arr.tolist()
@@ -221,11 +228,21 @@ def _stream_http(url: str, model: str, values: dict, stream: bool, timeout: floa
     except urllib.error.URLError as e:
         raise GenerationError(f"cannot reach {url}: {e.reason}") from None
     with resp:
-        if not stream:
-            yield parse_sse_event(json.loads(resp.read()))
-            return
-        for event in parse_sse_lines(resp):
-            yield parse_sse_event(event)
+        # A server that dies (or a stub that is restarted) cuts the stream: that is an error
+        # for the caller too, never a silently short answer.
+        try:
+            if not stream:
+                yield parse_sse_event(json.loads(resp.read()))
+                return
+            final = False
+            for event in parse_sse_lines(resp):
+                chunk = parse_sse_event(event)
+                final = chunk.finish_reason is not None
+                yield chunk
+        except (OSError, http.client.HTTPException, ValueError) as e:
+            raise GenerationError(f"connection to {url} lost: {e!r}") from None
+        if not final:
+            raise GenerationError(f"the stream from {url} ended before its final response")
 
 
 def _is_final(result) -> bool:
@@ -324,6 +341,22 @@ def stream_generate(
     if protocol == "http":
         return _stream_http(url, model, inputs, inputs.get("stream", True) is not False, timeout)
     return _stream_grpc(url, model, inputs, timeout, batch_dim)
+
+
+def upload_adapter(name: str, adapter_dir: str | Path, url: str | None = None, protocol: str = "grpc",
+                   model: str = MODEL_NAME, timeout: float | None = 600.0) -> dict[str, Any]:
+    """Send the PEFT adapter in `adapter_dir` (adapter_config.json + adapter_model.safetensors)
+    to the server under `name`; returns the server's JSON answer (its `adapters list` entry)."""
+    src = Path(adapter_dir)
+    config_path, weights_path = src / "adapter_config.json", src / "adapter_model.safetensors"
+    if not config_path.is_file():
+        raise GenerationError(f"{src} has no adapter_config.json")
+    if not weights_path.is_file():
+        raise GenerationError(f"{src} has no adapter_model.safetensors (pickled .bin files are not accepted)")
+    done = generate(url, protocol, model=model, timeout=timeout, stream=False, command="upload_adapter",
+                    adapter_id=name, adapter_config=config_path.read_bytes(),
+                    adapter_weights=weights_path.read_bytes())
+    return json.loads(done.text)
 
 
 class Completion(NamedTuple):

@@ -28,6 +28,8 @@ def _lora_expand_kernel(
     ALIGNED: tl.constexpr,    # BLOCK_N divides P: one page per (row, block), else per element
     USE_DOT: tl.constexpr,    # MBGMM (tensor cores) vs MBGMV (BLOCK_M == 1, multiply + sum)
     IEEE: tl.constexpr,       # fp32 model: keep full precision instead of tf32
+    UNROLL: tl.constexpr,     # column blocks as a fixed-count (unrolled) loop of N_ITERS
+    N_ITERS: tl.constexpr,    # column blocks per program (cols_per_prog = N_ITERS * BLOCK_N)
 ):
     pid0 = tl.program_id(0)
     pid1 = tl.program_id(1)
@@ -68,34 +70,56 @@ def _lora_expand_kernel(
         if not IEEE:
             # Half-precision intermediate, like the base GEMMs: full tensor-core rate.
             t = t.to(pool_ptr.dtype.element_ty)
+        t_col = t  # unused on this path
     else:
         t_col = tl.trans(t)  # (BLOCK_R, 1): one row's rank vector against B^T's rows
     row_pages = b_start + offs_r * n_chunks  # page-table slot of each B^T row's chunk 0
     arange_n = tl.arange(0, BLOCK_N)
 
-    for n0 in range(n_begin, tl.minimum(n_begin + cols_per_prog, width), BLOCK_N):
-        offs_n = n0 + arange_n
-        n_mask = offs_n < width
-        b_mask = r_mask[:, None] & n_mask[None, :]
-        if ALIGNED:
-            page = tl.load(page_ids_ptr + row_pages + n0 // P, mask=r_mask, other=0)
-            b_ptrs = pool_ptr + page.to(tl.int64)[:, None] * P + (n0 % P + arange_n)[None, :]
+    n_end = tl.minimum(n_begin + cols_per_prog, width)
+    if UNROLL:
+        # A fixed trip count lets the compiler issue every block's loads before the first
+        # block's math: more bytes in flight per program, which is what a decode-sized
+        # (latency-bound) launch lacks.
+        for it in tl.static_range(N_ITERS):
+            _expand_block(y_ptr, y_stride, pool_ptr, page_ids_ptr, t, t_col, offs_m, m_mask, r_mask,
+                          row_pages, n_begin + it * BLOCK_N, n_end, out_off, arange_n,
+                          P, ALIGNED, USE_DOT, IEEE)
+    else:
+        for n0 in range(n_begin, n_end, BLOCK_N):
+            _expand_block(y_ptr, y_stride, pool_ptr, page_ids_ptr, t, t_col, offs_m, m_mask, r_mask,
+                          row_pages, n0, n_end, out_off, arange_n, P, ALIGNED, USE_DOT, IEEE)
+
+
+@triton.jit
+def _expand_block(y_ptr, y_stride, pool_ptr, page_ids_ptr, t, t_col, offs_m, m_mask, r_mask,
+                  row_pages, n0, n_end, out_off, arange_n,
+                  P: tl.constexpr, ALIGNED: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr):
+    """y[rows, out_off + n0 : + BLOCK_N] += t @ B^T[:, n0 : + BLOCK_N] (columns >= n_end masked)."""
+    offs_n = n0 + arange_n
+    n_mask = offs_n < n_end
+    b_mask = r_mask[:, None] & n_mask[None, :]
+    if ALIGNED:
+        # Masked when the block lies past the end: its page-table slot may not be this adapter's.
+        live = r_mask & ((row_pages * 0 + n0) < n_end)  # a tensor compare: the interpreter needs one
+        page = tl.load(page_ids_ptr + row_pages + n0 // P, mask=live, other=0)
+        b_ptrs = pool_ptr + page.to(tl.int64)[:, None] * P + (n0 % P + arange_n)[None, :]
+    else:
+        page = tl.load(page_ids_ptr + row_pages[:, None] + (offs_n // P)[None, :],
+                       mask=b_mask, other=0)
+        b_ptrs = pool_ptr + page.to(tl.int64) * P + (offs_n % P)[None, :]
+    b = tl.load(b_ptrs, mask=b_mask, other=0.0)  # (BLOCK_R, BLOCK_N), contiguous along N
+    if USE_DOT:
+        if IEEE:
+            delta = tl.dot(t, b, input_precision="ieee")
         else:
-            page = tl.load(page_ids_ptr + row_pages[:, None] + (offs_n // P)[None, :],
-                           mask=b_mask, other=0)
-            b_ptrs = pool_ptr + page.to(tl.int64) * P + (offs_n % P)[None, :]
-        b = tl.load(b_ptrs, mask=b_mask, other=0.0)  # (BLOCK_R, BLOCK_N), contiguous along N
-        if USE_DOT:
-            if IEEE:
-                delta = tl.dot(t, b, input_precision="ieee")
-            else:
-                delta = tl.dot(t, b)
-        else:
-            delta = tl.sum(t_col * b.to(tl.float32), axis=0)[None, :]
-        y_ptrs = y_ptr + offs_m[:, None] * y_stride + out_off + offs_n[None, :]
-        y_mask = m_mask[:, None] & n_mask[None, :]
-        y_old = tl.load(y_ptrs, mask=y_mask, other=0.0)
-        tl.store(y_ptrs, (y_old.to(tl.float32) + delta).to(y_ptr.dtype.element_ty), mask=y_mask)
+            delta = tl.dot(t, b)
+    else:
+        delta = tl.sum(t_col * b.to(tl.float32), axis=0)[None, :]
+    y_ptrs = y_ptr + offs_m[:, None] * y_stride + out_off + offs_n[None, :]
+    y_mask = m_mask[:, None] & n_mask[None, :]
+    y_old = tl.load(y_ptrs, mask=y_mask, other=0.0)
+    tl.store(y_ptrs, (y_old.to(tl.float32) + delta).to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
 def lora_expand(y, tmp, pool_layer, batch, group, max_width, cfg):
@@ -123,6 +147,7 @@ def lora_expand(y, tmp, pool_layer, batch, group, max_width, cfg):
         *common, NMOD=nmod, P=page_width,
         BLOCK_M=block_m, BLOCK_R=cfg.block_r_expand, BLOCK_N=cfg.block_n,
         ALIGNED=page_width % cfg.block_n == 0,
-        USE_DOT=cfg.use_dot, IEEE=cfg.ieee, **launch,
+        USE_DOT=cfg.use_dot, IEEE=cfg.ieee, UNROLL=cfg.expand_unroll and not cfg.use_dot,
+        N_ITERS=cfg.n_iters, **launch,
     )
 

@@ -113,9 +113,12 @@ def lora_shrink(x, tmp, pool_layer, batch, group, cfg):
             BLOCK_M=cfg.block_m, BLOCK_R=cfg.block_r, BLOCK_K=cfg.block_k,
             ALIGNED=page_width % cfg.block_k == 0, IEEE=cfg.ieee, **launch)
     else:
+        aligned = page_width % cfg.block_k == 0 and cfg.k_per_split % cfg.block_k == 0
+        # Unrolling needs every split to lie inside one page.
+        unroll = cfg.shrink_unroll and aligned and page_width % cfg.k_per_split == 0
         _lora_shrink_gmv_kernel[grid](
             *common, NMOD=nmod, P=page_width, BLOCK_R=cfg.block_r, BLOCK_K=cfg.block_k,
-            ALIGNED=page_width % cfg.block_k == 0 and cfg.k_per_split % cfg.block_k == 0,
+            ALIGNED=aligned, UNROLL=unroll, K_ITERS=cfg.k_per_split // cfg.block_k if unroll else 1,
             **launch)
 
 
@@ -134,6 +137,8 @@ def _lora_shrink_gmv_kernel(
     NMOD: tl.constexpr, P: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     ALIGNED: tl.constexpr,    # BLOCK_K divides P (and k_per_split): page ids once per chunk
+    UNROLL: tl.constexpr,     # the split is K_ITERS blocks inside one page: fixed-count loop
+    K_ITERS: tl.constexpr,
 ):
     """MBGMV: one row, BLOCK_R rank rows of A, one K split.
 
@@ -170,7 +175,20 @@ def _lora_shrink_gmv_kernel(
     acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
     k_begin = k_split * k_per_split
     k_end = tl.minimum(k_begin + k_per_split, K)
-    if ALIGNED:
+    if UNROLL:
+        # One page id per rank row for the whole split, then independent loads the
+        # compiler can all issue up front (see the expand kernel).
+        c0 = (k_begin // P) * P
+        page = tl.load(page_ids_ptr + row_pages + k_begin // P, mask=r_mask, other=0)
+        page_base = pool_ptr + page.to(tl.int64)[:, None] * P + offs_k[None, :]
+        for it in tl.static_range(K_ITERS):
+            k0 = k_begin + it * BLOCK_K
+            cols = k0 + offs_k
+            k_mask = cols < k_end
+            x = tl.load(x_row + cols, mask=k_mask, other=0.0)
+            a = tl.load(page_base + (k0 - c0), mask=r_mask[:, None] & k_mask[None, :], other=0.0)
+            acc += a.to(tl.float32) * x.to(tl.float32)[None, :]
+    elif ALIGNED:
         for c in range(k_begin // P, tl.cdiv(k_end, P)):
             page = tl.load(page_ids_ptr + row_pages + c, mask=r_mask, other=0)
             page_base = pool_ptr + page.to(tl.int64)[:, None] * P + offs_k[None, :]

@@ -2,11 +2,15 @@
 # Serve the slora model repository with the real tritonserver, in the foreground.
 #
 #   scripts/serve.sh [--model DIR] [--adapters DIR] [--http-port N] [--grpc-port N]
-#                    [--metrics-port N] [-- extra tritonserver arguments]
+#                    [--metrics-port N] [--tp N] [--no-watchdog] [-- extra tritonserver arguments]
 #
 # Defaults: the embedded SmolLM2-135M-Instruct (models/, prepared by scripts/setup.sh), the
 # adapters in demo_adapters/, ports 8000 (HTTP), 8001 (gRPC), 8002 (metrics).
-# Other engine settings live in model_repository/slora/config.pbtxt (parameters).
+# Other engine settings live in model_repository/slora/config.pbtxt (parameters); --tp N
+# overrides its tensor_parallel_size (the model split over GPUs 0..N-1 of this host).
+# tritonserver runs with explicit model control under scripts/watchdog.py, which probes the
+# model every second and reloads it (or restarts tritonserver) when it cannot serve;
+# --no-watchdog runs tritonserver alone.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
@@ -15,9 +19,11 @@ ADAPTERS="$ROOT/demo_adapters"
 HTTP_PORT=8000
 GRPC_PORT=8001
 METRICS_PORT=8002
+WATCHDOG=1
+TP=""
 EXTRA=()
 
-usage() { sed -n '2,9p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 need() { [ $# -ge 2 ] || { echo "serve.sh: $1 needs a value" >&2; exit 2; }; }
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -26,6 +32,8 @@ while [ $# -gt 0 ]; do
     --http-port) need "$@"; HTTP_PORT="$2"; shift 2 ;;
     --grpc-port) need "$@"; GRPC_PORT="$2"; shift 2 ;;
     --metrics-port) need "$@"; METRICS_PORT="$2"; shift 2 ;;
+    --tp) need "$@"; TP="$2"; shift 2 ;;
+    --no-watchdog) WATCHDOG=0; shift ;;
     -h|--help) usage; exit 0 ;;
     --) shift; EXTRA=("$@"); break ;;
     *) echo "serve.sh: unknown argument $1" >&2; usage >&2; exit 2 ;;
@@ -57,11 +65,22 @@ PATH="$(dirname "$SLORA_PYTHON"):$PATH"
 export PATH
 export SLORA_REPO_ROOT="$ROOT" SLORA_MODEL_DIR="$MODEL" SLORA_ADAPTER_DIR="$ADAPTERS"
 export TOKENIZERS_PARALLELISM=false
+if [ -n "$TP" ]; then
+  [[ "$TP" =~ ^[1-9][0-9]*$ ]] || { echo "serve.sh: --tp needs a positive integer, got $TP" >&2; exit 2; }
+  export SLORA_TENSOR_PARALLEL_SIZE="$TP"  # read by model_repository/slora/1/model.py
+fi
 
 echo "serve.sh: model $MODEL, adapters $ADAPTERS;" \
   "HTTP :$HTTP_PORT, gRPC :$GRPC_PORT, metrics :$METRICS_PORT" >&2
-exec "$TRITONSERVER" \
-  --model-repository="$ROOT/model_repository" \
-  --backend-directory="$TRITON_BACKEND_DIR" \
-  --http-port="$HTTP_PORT" --grpc-port="$GRPC_PORT" --metrics-port="$METRICS_PORT" \
-  ${EXTRA[@]+"${EXTRA[@]}"}
+# Explicit model control: the repository API (unload/load) is how a broken model comes back.
+SERVER=("$TRITONSERVER"
+  --model-repository="$ROOT/model_repository"
+  --backend-directory="$TRITON_BACKEND_DIR"
+  --model-control-mode=explicit --load-model=slora
+  --http-port="$HTTP_PORT" --grpc-port="$GRPC_PORT" --metrics-port="$METRICS_PORT"
+  ${EXTRA[@]+"${EXTRA[@]}"})
+if [ "$WATCHDOG" = 1 ]; then
+  exec "$SLORA_PYTHON" "$ROOT/scripts/watchdog.py" --http "127.0.0.1:$HTTP_PORT" --model slora \
+    -- "${SERVER[@]}"
+fi
+exec "${SERVER[@]}"

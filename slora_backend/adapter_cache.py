@@ -1,22 +1,38 @@
-"""Adapter cache: every registered adapter in host memory, the ones in use paged into the pool.
+"""Adapter cache: three tiers, disk <- host memory <- GPU pool.
 
-Loading copies an adapter's host page images into freshly allocated pool pages, on a side
-CUDA stream so that it overlaps the model's compute; an adapter is usable once its copy event
-has completed. Adapters with no running request are evicted, least recently used first,
-whenever the pool needs their pages (for KV or for another adapter).
+* Disk: the adapter directory, PEFT safetensors read on demand through safetensors' memory
+  map. The number of adapters is bounded by the disk, not by RAM.
+* Host: page images (adapters.py) of recently used adapters, least recently used first out
+  once their bytes pass the budget (`host_adapter_budget_mb`). A host copy whose pool copy is
+  in flight is never dropped. Once the copy has completed, a GPU-resident adapter's host copy
+  may go like any other (running requests read the pool pages; after a GPU eviction the
+  adapter is read from disk again). Adapters registered in memory (benchmarks) have no disk
+  copy, so they are never dropped and are kept outside the budget.
+* GPU: adapters paged into the unified pool. A load copies the host page images into
+  freshly allocated pages, on a side CUDA stream so that it overlaps the model's compute; an
+  adapter is usable once its copy event has completed. Adapters with no running request are
+  evicted, least recently used first, whenever the pool needs their pages.
+
+Every adapter read once keeps an `AdapterInfo` (ranks, scales, page offsets; no weights), so
+scheduling and the step tables never need the host copy. The engine thread owns the GPU tier;
+the host tier is also filled from request threads (validation at submit, uploads), so it is
+guarded by a lock, never held while reading from disk.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
+import threading
+import time
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from kernels.lora_batch import LoraBatch
 
-from .adapters import AdapterError, HostAdapter, load_adapter, resolve_adapter_dir
+from .adapters import AdapterError, AdapterInfo, HostAdapter, load_adapter, resolve_adapter_dir
 from .checkpoint import ModelSpec
 from .page_pool import OutOfPages, PagePool, PageUse
 
@@ -25,12 +41,15 @@ log = logging.getLogger(__name__)
 
 @dataclass(eq=False)
 class ResidentAdapter:
-    host: HostAdapter
+    host: AdapterInfo  # what the step tables read (ranks, scales, offsets); the weights are in `pages`
     pages: list[int]
     page_ids: torch.Tensor  # (n_pages,) int32 on the pool's device
     refs: int = 0  # running requests using it: never evicted while > 0
     ready: torch.cuda.Event | None = None  # copy completion on CUDA; None = ready
     waited: bool = False  # the compute stream already waits on the copy
+    src: torch.Tensor | None = None  # (L, n_pages, P) host page images, kept alive while copying
+    started: torch.cuda.Event | None = None  # copy start on CUDA (for its latency)
+    table: tuple[np.ndarray, np.ndarray] | None = None  # its LoraTables columns, made on first use
 
 
 @dataclass
@@ -39,32 +58,86 @@ class LoraTables:
 
     names: list[str]  # distinct adapters of the step; a = index in this list
     seg_adapter: list[int]  # (S,) a per segment, -1 = base model
-    ranks: list[list[int]]  # (7, A)
-    scales: list[list[float]]  # (7, A)
-    a_starts: list[list[int]]  # (7, A)
-    b_starts: list[list[int]]  # (7, A)
+    ints: np.ndarray  # (3, 7, A) int32: rank, A start, B^T start (into page_ids) per module
+    scales: np.ndarray  # (7, A) float32
     page_id_parts: list[torch.Tensor] = field(default_factory=list)  # each adapter's (n_pages,) ids
     total_pages: int = 0
     max_rank: int = 0
 
 
+def adapter_columns(host: HostAdapter) -> tuple[np.ndarray, np.ndarray]:
+    """An adapter's columns of the step tables: (3, 7) int32 rank / A / B^T offsets, (7,) scales."""
+    ints = np.array([host.ranks, host.a_offsets, host.b_offsets], dtype=np.int32)
+    return ints, np.array(host.scales, dtype=np.float32)
+
+
+class LoadTimes:
+    """Latency of one load stage: running totals and the latest samples (for percentiles)."""
+
+    def __init__(self, keep: int = 4096):
+        self.count = 0
+        self.total_s = 0.0
+        self.max_s = 0.0
+        self.recent: deque[float] = deque(maxlen=keep)
+        self._lock = threading.Lock()  # added to on the engine thread, read by stats() anywhere
+
+    def add(self, seconds: float) -> None:
+        with self._lock:
+            self.count += 1
+            self.total_s += seconds
+            self.max_s = max(self.max_s, seconds)
+            self.recent.append(seconds)
+
+    def summary(self) -> dict:
+        with self._lock:
+            recent = sorted(self.recent)
+            count, total, peak = self.count, self.total_s, self.max_s
+
+        def pct(q: float) -> float:
+            return recent[min(len(recent) - 1, int(q * len(recent)))] if recent else 0.0
+
+        return {"count": count, "total_s": total, "mean_s": total / count if count else 0.0,
+                "p50_s": pct(0.5), "p99_s": pct(0.99), "max_s": peak}
+
+
 @dataclass
 class AdapterCacheStats:
-    registered: int = 0
-    resident: int = 0
-    loads: int = 0
-    evictions: int = 0
+    registered: int = 0  # adapters read at least once or registered in memory (AdapterInfo kept)
+    resident: int = 0  # in the pool (GPU tier)
+    loads: int = 0  # host -> pool copies
+    evictions: int = 0  # pool evictions
+    host: int = 0  # host copies (host tier), memory-registered ones included
+    host_bytes: int = 0  # bytes of host copies read from disk: the budgeted part
+    host_budget_bytes: int = 0  # 0 = unlimited
+    peak_host_bytes: int = 0  # most host_bytes ever held
+    memory_bytes: int = 0  # adapters registered in memory: never evicted, outside the budget
+    host_evictions: int = 0
+    disk_reads: int = 0
+    disk_to_host: dict = field(default_factory=dict)  # LoadTimes.summary()
+    host_to_gpu: dict = field(default_factory=dict)  # LoadTimes.summary(); on CPU: into the pool
 
 
 class AdapterCache:
     def __init__(self, spec: ModelSpec, dtype: torch.dtype, pool: PagePool, pool_tensor: torch.Tensor,
-                 adapter_dir: str | None, max_rank: int):
+                 adapter_dir: str | None, max_rank: int, host_budget_bytes: int = 0):
         self.spec, self.dtype = spec, dtype
         self.pool, self.pool_tensor = pool, pool_tensor  # pool_tensor: (L, N, P)
         self.device = pool_tensor.device
         self.adapter_dir = adapter_dir
         self.max_rank = max_rank
-        self.host: dict[str, HostAdapter] = {}
+        self.host_budget = host_budget_bytes if host_budget_bytes > 0 else None  # None = unlimited
+        self.host: OrderedDict[str, HostAdapter] = OrderedDict()  # host tier, LRU first
+        self.infos: dict[str, AdapterInfo] = {}  # every adapter read once
+        self.memory_only: set[str] = set()  # registered in memory: no disk copy to fall back on
+        self.copying: set[str] = set()  # pool copy in flight: its host copy must stay
+        self.host_bytes = 0
+        self.memory_bytes = 0
+        self.peak_host_bytes = 0
+        self.host_evictions = 0
+        self.disk_reads = 0
+        self.disk_to_host = LoadTimes()
+        self.host_to_gpu = LoadTimes()
+        self._lock = threading.Lock()  # host tier, infos, copying
         self.resident: OrderedDict[str, ResidentAdapter] = OrderedDict()  # LRU first
         self.loads = 0
         self.evictions = 0
@@ -73,32 +146,109 @@ class AdapterCache:
 
     # -- host tier -----------------------------------------------------------------------
     def register(self, adapter: HostAdapter) -> None:
-        """Register an adapter built in memory (benchmarks, uploads)."""
+        """Register an adapter built in memory (benchmarks): kept in host memory for good."""
         if adapter.rank > self.max_rank:
             raise AdapterError(f"rank {adapter.rank} exceeds the configured maximum {self.max_rank}")
-        self.host[adapter.name] = adapter
+        with self._lock:
+            self._drop_host(adapter.name)
+            self.host[adapter.name] = adapter
+            self.memory_only.add(adapter.name)
+            self.memory_bytes += adapter.nbytes
+            self.infos[adapter.name] = adapter.info()
+
+    def add_host(self, adapter: HostAdapter) -> None:
+        """Cache the host copy of an adapter that has a disk copy (an upload, just validated)."""
+        with self._lock:
+            self._insert(adapter)
 
     def get_host(self, name: str) -> HostAdapter:
-        """The host copy of `name`, read from the adapter directory on first use."""
-        adapter = self.host.get(name)
-        if adapter is None:
-            path = resolve_adapter_dir(self.adapter_dir, name)
-            adapter = load_adapter(path, name, self.spec, self.dtype, self.max_rank,
-                                   pin=self.device.type == "cuda")
-            self.host[name] = adapter
+        """The host copy of `name`, read from the adapter directory when it is not cached."""
+        with self._lock:
+            adapter = self.host.get(name)
+            if adapter is not None:
+                self.host.move_to_end(name)
+                return adapter
+        path = resolve_adapter_dir(self.adapter_dir, name)
+        t0 = time.perf_counter()
+        adapter = load_adapter(path, name, self.spec, self.dtype, self.max_rank,
+                               pin=self.device.type == "cuda")
+        self.disk_to_host.add(time.perf_counter() - t0)
+        with self._lock:
+            self.disk_reads += 1
+            self._insert(adapter)
         return adapter
+
+    def info(self, name: str) -> AdapterInfo:
+        """What `name` needs (pages, ranks), read and validated from disk the first time."""
+        with self._lock:
+            info = self.infos.get(name)
+        return info if info is not None else self.get_host(name).info()
+
+    def prefetch(self, name: str) -> AdapterInfo:
+        """At submit, on the request's thread: validate `name` on first use and bring its host
+        copy in unless it is resident, so that the engine thread rarely waits on the disk."""
+        host = None if name in self.resident else self.get_host(name)
+        with self._lock:
+            info = self.infos.get(name)
+        return info if info is not None else (host or self.get_host(name)).info()
+
+    def known(self, name: str) -> bool:
+        with self._lock:
+            return name in self.infos or name in self.resident
+
+    def tier(self, name: str) -> str:
+        if name in self.resident:
+            return "gpu"
+        with self._lock:
+            return "host" if name in self.host else "disk"
+
+    def _insert(self, adapter: HostAdapter) -> None:
+        """Put a host copy read from disk into the host tier, then hold the budget (lock held)."""
+        self._drop_host(adapter.name)
+        self.host[adapter.name] = adapter
+        self.host_bytes += adapter.nbytes
+        self.infos[adapter.name] = adapter.info()
+        if self.host_budget is not None:
+            for name in list(self.host):  # least recently used first
+                if self.host_bytes <= self.host_budget:
+                    break
+                if name == adapter.name or name in self.memory_only or name in self.copying:
+                    continue
+                self._drop_host(name)
+                self.host_evictions += 1
+        self.peak_host_bytes = max(self.peak_host_bytes, self.host_bytes)
+
+    def _drop_host(self, name: str) -> None:
+        """Forget the host copy of `name`, if any (lock held)."""
+        old = self.host.pop(name, None)
+        if old is None:
+            return
+        if name in self.memory_only:
+            self.memory_only.discard(name)
+            self.memory_bytes -= old.nbytes
+        else:
+            self.host_bytes -= old.nbytes
 
     # -- GPU tier ------------------------------------------------------------------------
     def is_ready(self, name: str) -> bool:
         res = self.resident.get(name)
-        if res is None:
-            return False
+        return res is not None and self._copied(name, res)
+
+    def _copied(self, name: str, res: ResidentAdapter) -> bool:
+        """Whether the pool copy of `res` has completed; the first time, finish its bookkeeping."""
+        if res.src is None:
+            return True
         if res.ready is not None and not res.ready.query():
             return False
+        if res.started is not None:
+            self.host_to_gpu.add(res.started.elapsed_time(res.ready) / 1e3)
+        res.src = None
+        with self._lock:
+            self.copying.discard(name)
         return True
 
     def pages_needed(self, name: str) -> int:
-        return 0 if name in self.resident else self.get_host(name).n_pages
+        return 0 if name in self.resident else self.info(name).n_pages
 
     def start_load(self, name: str) -> bool:
         """Make `name` resident (the copy may still be in flight). False if pages are short."""
@@ -110,17 +260,24 @@ class AdapterCache:
             return False
         pages = self.pool.alloc(host.n_pages, PageUse.ADAPTER)
         page_ids = torch.tensor(pages, dtype=torch.int32, device=self.device)
-        res = ResidentAdapter(host=host, pages=pages, page_ids=page_ids)
+        res = ResidentAdapter(host=host.info(), pages=pages, page_ids=page_ids)
         if self._stream is not None:
+            with self._lock:
+                self.copying.add(name)
+            res.src = host.pages
             # The copy must not start before earlier compute has stopped reading these pages.
             self._stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self._stream):
+                res.started = torch.cuda.Event(enable_timing=True)
+                res.started.record(self._stream)
                 src = host.pages.to(self.device, non_blocking=True)
                 self.pool_tensor[:, page_ids.long(), :] = src
-                res.ready = torch.cuda.Event()
+                res.ready = torch.cuda.Event(enable_timing=True)
                 res.ready.record(self._stream)
         else:
+            t0 = time.perf_counter()
             self.pool_tensor[:, page_ids.long(), :] = host.pages
+            self.host_to_gpu.add(time.perf_counter() - t0)
         self.resident[name] = res
         self.loads += 1
         return True
@@ -131,7 +288,7 @@ class AdapterCache:
             return True
         for name in list(self.resident):
             res = self.resident[name]
-            if res.refs > 0 or (res.ready is not None and not res.ready.query()):
+            if res.refs > 0 or not self._copied(name, res):
                 continue
             self.evict(name)
             if self.pool.free >= pages_wanted:
@@ -169,62 +326,81 @@ class AdapterCache:
             return
         res = self.resident.get(name)
         if res is not None:
-            if res.refs > 0 or (res.ready is not None and not res.ready.query()):
+            if res.refs > 0 or not self._copied(name, res):
                 return
             self.evict(name)
-        self.host.pop(name, None)
+        with self._lock:
+            self._drop_host(name)
+            self.infos.pop(name, None)  # read again (and validated again) on the next load
         self.dropping.discard(name)
+
+    def describe(self) -> list[dict]:
+        """Every adapter read once: name, rank, targets, tier (gpu/host/disk), bytes (engine thread)."""
+        with self._lock:
+            infos = list(self.infos.values())
+            in_host, memory = set(self.host), set(self.memory_only)
+        return [{"name": i.name, "rank": i.rank, "target_modules": list(i.target_modules),
+                 "tier": "gpu" if i.name in self.resident else "host" if i.name in in_host else "disk",
+                 "bytes": i.nbytes, "on_disk": i.name not in memory} for i in infos]
 
     # -- per-step tables -----------------------------------------------------------------
     def lora_tables(self, seg_names: list[str | None]) -> LoraTables:
-        """Host-side index tables for one step (valid for every layer): see docs/DESIGN.md."""
+        """Host-side index tables for one step (valid for every layer): see docs/DESIGN.md.
+
+        Runs every decode step, so the per-adapter columns are cached on the resident entry
+        and stacked with numpy: no Python loop over adapters x modules.
+        """
         names = list(dict.fromkeys(n for n in seg_names if n is not None))
         slot = {n: i for i, n in enumerate(names)}
-        t = LoraTables(names=names, seg_adapter=[slot[n] if n is not None else -1 for n in seg_names],
-                       ranks=[[0] * len(names) for _ in range(7)],
-                       scales=[[0.0] * len(names) for _ in range(7)],
-                       a_starts=[[0] * len(names) for _ in range(7)],
-                       b_starts=[[0] * len(names) for _ in range(7)])
-        base = 0
         compute = torch.cuda.current_stream(self.device) if self._stream is not None else None
-        for a, name in enumerate(names):
-            res = self.resident[name]
+        residents = [self.resident[n] for n in names]
+        for res in residents:
             if compute is not None and res.ready is not None and not res.waited:
                 compute.wait_event(res.ready)  # order the copy before the first use
                 res.waited = True
-            h = res.host
-            for m in range(7):
-                t.ranks[m][a] = h.ranks[m]
-                t.scales[m][a] = h.scales[m]
-                t.a_starts[m][a] = base + h.a_offsets[m]
-                t.b_starts[m][a] = base + h.b_offsets[m]
-            t.max_rank = max(t.max_rank, h.rank)
-            t.page_id_parts.append(res.page_ids)
-            base += h.n_pages
-        t.total_pages = base
-        return t
+            if res.table is None:
+                res.table = adapter_columns(res.host)
+        n_pages = np.array([res.host.n_pages for res in residents], dtype=np.int64)
+        base = np.cumsum(n_pages) - n_pages  # where each adapter's ids start in page_ids
+        if residents:
+            ints = np.stack([res.table[0] for res in residents], axis=2)  # (3, 7, A)
+            ints[1:] += base.astype(np.int32)
+            scales = np.stack([res.table[1] for res in residents], axis=1)  # (7, A)
+        else:
+            ints, scales = np.zeros((3, 7, 0), np.int32), np.zeros((7, 0), np.float32)
+        return LoraTables(names=names, seg_adapter=[slot[n] if n is not None else -1 for n in seg_names],
+                          ints=ints, scales=scales, page_id_parts=[res.page_ids for res in residents],
+                          total_pages=int(n_pages.sum()),
+                          max_rank=max((res.host.rank for res in residents), default=0))
 
     def build_lora_batch(self, seg_starts: list[int], seg_names: list[str | None],
                          max_seg_len: int) -> LoraBatch:
         """The step's tables as device tensors (eager path; CUDA graphs fill static ones)."""
         t = self.lora_tables(seg_names)
-        dev, a = self.device, len(t.names)
+        dev = self.device
+        ints = torch.from_numpy(t.ints).to(dev)  # one copy for the three int tables
         page_ids = torch.cat(t.page_id_parts) if t.page_id_parts else torch.zeros(1, dtype=torch.int32, device=dev)
         return LoraBatch(
             seg_starts=torch.tensor(seg_starts, dtype=torch.int32, device=dev),
             seg_adapter=torch.tensor(t.seg_adapter, dtype=torch.int32, device=dev),
-            ranks=torch.tensor(t.ranks, dtype=torch.int32, device=dev).view(7, a),
-            scales=torch.tensor(t.scales, dtype=torch.float32, device=dev).view(7, a),
-            a_starts=torch.tensor(t.a_starts, dtype=torch.int32, device=dev).view(7, a),
-            b_starts=torch.tensor(t.b_starts, dtype=torch.int32, device=dev).view(7, a),
+            ranks=ints[0],
+            scales=torch.from_numpy(t.scales).to(dev),
+            a_starts=ints[1],
+            b_starts=ints[2],
             page_ids=page_ids,
             max_rank=t.max_rank,
             max_seg_len=max_seg_len,
         )
 
     def stats(self) -> AdapterCacheStats:
-        return AdapterCacheStats(registered=len(self.host), resident=len(self.resident),
-                                 loads=self.loads, evictions=self.evictions)
+        with self._lock:
+            host = dict(registered=len(self.infos), host=len(self.host), host_bytes=self.host_bytes,
+                        peak_host_bytes=self.peak_host_bytes, memory_bytes=self.memory_bytes,
+                        host_evictions=self.host_evictions, disk_reads=self.disk_reads)
+        return AdapterCacheStats(resident=len(self.resident), loads=self.loads, evictions=self.evictions,
+                                 host_budget_bytes=self.host_budget or 0,
+                                 disk_to_host=self.disk_to_host.summary(),
+                                 host_to_gpu=self.host_to_gpu.summary(), **host)
 
 
-__all__ = ["AdapterCache", "AdapterCacheStats", "OutOfPages", "ResidentAdapter"]
+__all__ = ["AdapterCache", "AdapterCacheStats", "LoadTimes", "OutOfPages", "ResidentAdapter"]

@@ -4,6 +4,10 @@ An adapter's host copy is already in the pool's page layout (docs/DESIGN.md): a 
 `pages: (L, n_pages, P)` whose page i goes to the i-th page id the pool hands out. Loading it
 onto the pool is then one scatter, and host bytes equal the weight bytes (plus the tail of
 the last page of a row whose width P does not divide).
+
+Uploads (`stage_upload` / `install_upload`) are written to a hidden directory inside the
+adapter root, validated by the same `load_adapter` as any adapter on disk, then renamed into
+place: a crash leaves either no adapter or a complete one under the name.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import logging
 import math
 import os
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +41,25 @@ class AdapterError(ValueError):
 
 
 @dataclass
+class AdapterInfo:
+    """What scheduling and the step tables need of an adapter, without its weights.
+
+    Kept for every adapter read once (a few hundred bytes each), so that a GPU-resident
+    adapter needs no host copy and 10,000s of adapters cost host memory only when cached.
+    """
+
+    name: str
+    rank: int  # largest rank over its modules
+    ranks: list[int]  # (7,) rank per module in MODULES order; 0 = module not targeted
+    scales: list[float]  # (7,)
+    a_offsets: list[int]  # (7,) first page (within this adapter's pages) of module m's A rows
+    b_offsets: list[int]  # (7,) first page of module m's B^T rows
+    target_modules: list[str]
+    n_pages: int
+    nbytes: int  # bytes of its page images (host copy and pool pages alike)
+
+
+@dataclass
 class HostAdapter:
     name: str
     rank: int  # largest rank over its modules
@@ -52,6 +77,11 @@ class HostAdapter:
     @property
     def nbytes(self) -> int:
         return self.pages.numel() * self.pages.element_size()
+
+    def info(self) -> AdapterInfo:
+        return AdapterInfo(name=self.name, rank=self.rank, ranks=list(self.ranks), scales=list(self.scales),
+                           a_offsets=list(self.a_offsets), b_offsets=list(self.b_offsets),
+                           target_modules=list(self.target_modules), n_pages=self.n_pages, nbytes=self.nbytes)
 
 
 def validate_name(name: str) -> str:
@@ -77,6 +107,23 @@ def resolve_adapter_dir(root: str | Path | None, name: str) -> Path:
     if not path.is_dir():
         raise AdapterError(f"unknown adapter {name!r}")
     return path
+
+
+def describe_on_disk(path: str | Path, spec: ModelSpec, element_size: int) -> dict:
+    """Rank, targets and page-image bytes of an adapter not read yet, from its config alone.
+
+    Cheap enough for listing thousands of directories; the weights are checked when it is
+    first used.
+    """
+    config = json.loads((Path(path) / "adapter_config.json").read_text())
+    r = config.get("r") if isinstance(config, dict) else None
+    if not isinstance(r, int) or r < 1:
+        raise AdapterError(f"invalid rank r={r!r}")
+    targets = _targets(config)
+    ranks = [r if m in targets else 0 for m in MODULES]
+    n_pages = page_layout(spec, ranks)[2]
+    return {"rank": r, "target_modules": [m for m in MODULES if m in targets],
+            "bytes": spec.layers * n_pages * spec.page_width * element_size}
 
 
 def _targets(config: dict) -> list[str]:
@@ -243,3 +290,79 @@ def _write_rows(layer_pages: torch.Tensor, first_page: int, rows: torch.Tensor, 
     padded = torch.zeros(r, per_row * P, dtype=rows.dtype)
     padded[:, :w] = rows
     layer_pages[first_page : first_page + r * per_row] = padded.view(r * per_row, P)
+
+
+# -- uploads -------------------------------------------------------------------------------
+# Staging directories start with '.', which no adapter name may: never served, never listed.
+UPLOAD_PREFIX = ".upload-"
+REPLACED_PREFIX = ".replaced-"
+
+
+def stage_upload(root: str | Path | None, name: str, config_bytes: bytes, weights_bytes: bytes,
+                 spec: ModelSpec, dtype: torch.dtype, max_rank: int, pin: bool = False
+                 ) -> tuple[Path, HostAdapter]:
+    """Write an uploaded adapter to a staging directory inside `root` and validate it there.
+
+    Validation is `load_adapter` itself, so an upload is refused for exactly the reasons an
+    adapter on disk is. On any failure the staging directory is removed again.
+    """
+    validate_name(name)
+    if root is None:
+        raise AdapterError("uploads need an adapter directory (parameter adapter_dir)")
+    root_real = Path(os.path.realpath(root))
+    if not root_real.is_dir():
+        raise AdapterError(f"the adapter directory {root} does not exist")
+    staging = Path(tempfile.mkdtemp(prefix=UPLOAD_PREFIX, dir=root_real))
+    try:
+        _write_durably(staging / "adapter_config.json", config_bytes)
+        _write_durably(staging / "adapter_model.safetensors", weights_bytes)
+        adapter = load_adapter(staging, name, spec, dtype, max_rank, pin)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return staging, adapter
+
+
+def install_upload(root: str | Path, staging: Path, name: str, replace: bool) -> Path:
+    """Rename a validated staging directory to `root/name`; an existing one only if `replace`.
+
+    The rename is atomic. Replacing takes two renames (old version aside, new one in): a crash
+    between them leaves the old version in a hidden `.replaced-*` directory and none under the
+    name, never a partly written one.
+    """
+    root_real = Path(os.path.realpath(root))
+    final = root_real / validate_name(name)
+    aside = None
+    try:
+        if os.path.lexists(final):
+            if not replace:
+                raise AdapterError(f"adapter {name!r} already exists; unload it first to replace it")
+            aside = Path(tempfile.mkdtemp(prefix=REPLACED_PREFIX, dir=root_real))
+            os.rename(final, aside / name)  # a symlink is moved as a link, its target untouched
+        os.rename(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if aside is not None:
+            if not os.path.lexists(final) and os.path.lexists(aside / name):
+                os.rename(aside / name, final)  # put the old version back
+            shutil.rmtree(aside, ignore_errors=True)
+        raise
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+    _fsync(root_real)
+    return final
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -131,23 +131,6 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def load_state_dict(model_dir: str | Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """All tensors of the checkpoint's safetensors files, cast to dtype (on CPU)."""
-    model_dir = Path(model_dir)
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        pickles = [p.name for p in model_dir.glob("*.bin")] + [p.name for p in model_dir.glob("*.pt")]
-        hint = f" (found {pickles}: pickled weights are never loaded)" if pickles else ""
-        raise CheckpointError(f"{model_dir} has no *.safetensors weights{hint}")
-    tensors: dict[str, torch.Tensor] = {}
-    for path in files:
-        with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():
-                tensors[name] = f.get_tensor(name).to(dtype)
-    log.info("loaded %d tensors from %d safetensors file(s) in %s", len(tensors), len(files), model_dir)
-    return tensors
-
-
 @dataclass
 class LayerWeights:
     input_norm: torch.Tensor  # (hidden,)
@@ -166,43 +149,80 @@ class BaseWeights:
     lm_head: torch.Tensor  # (vocab, hidden); the embedding itself when tied
 
 
-def load_base_weights(model_dir: str | Path, spec: ModelSpec, dtype: torch.dtype,
-                      device: torch.device) -> BaseWeights:
-    sd = load_state_dict(model_dir, dtype)
+class _Checkpoint:
+    """A checkpoint's safetensors files, read one tensor (or one slice of it) at a time."""
 
-    def take(name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        if name not in sd:
+    def __init__(self, model_dir: str | Path, dtype: torch.dtype):
+        model_dir = Path(model_dir)
+        files = sorted(model_dir.glob("*.safetensors"))
+        if not files:
+            pickles = [p.name for p in model_dir.glob("*.bin")] + [p.name for p in model_dir.glob("*.pt")]
+            hint = f" (found {pickles}: pickled weights are never loaded)" if pickles else ""
+            raise CheckpointError(f"{model_dir} has no *.safetensors weights{hint}")
+        self.dtype = dtype
+        self.files = [safe_open(str(path), framework="pt") for path in files]
+        self.where = {name: f for f in self.files for name in f.keys()}
+        self.used: set[str] = set()
+
+    def take(self, name: str, shape: tuple[int, ...], rows: slice | None = None,
+             cols: slice | None = None) -> torch.Tensor:
+        """Tensor `name` (checked against `shape`), or only its `rows` / `cols`, in self.dtype."""
+        f = self.where.get(name)
+        if f is None:
             raise CheckpointError(f"checkpoint lacks tensor {name}")
-        t = sd.pop(name)
-        if tuple(t.shape) != shape:
-            raise CheckpointError(f"{name} has shape {tuple(t.shape)}, expected {shape}")
-        return t
+        part = f.get_slice(name)
+        if tuple(part.get_shape()) != shape:
+            raise CheckpointError(f"{name} has shape {tuple(part.get_shape())}, expected {shape}")
+        self.used.add(name)
+        if rows is not None:
+            return part[rows].to(self.dtype)
+        if cols is not None:
+            return part[:, cols].to(self.dtype)
+        return f.get_tensor(name).to(self.dtype)
 
+
+def load_base_weights(model_dir: str | Path, spec: ModelSpec, dtype: torch.dtype, device: torch.device,
+                      tp_size: int = 1, tp_rank: int = 0) -> BaseWeights:
+    """The base weights, or with tensor parallelism rank `tp_rank`'s shard of them.
+
+    Shards are read as slices (safetensors reads only those bytes): q/k/v/gate/up by output
+    rows, o/down by input columns (tensor_parallel.py); embedding and norms whole; lm_head
+    only on rank 0, the one rank that computes logits.
+    """
+    ck = _Checkpoint(model_dir, dtype)
+    q = kv = mlp = None
+    if tp_size > 1:
+        from .tensor_parallel import rank_slices
+
+        sl = rank_slices(spec, tp_size, tp_rank)
+        q, kv, mlp = sl.q, sl.kv, sl.mlp
     h, i = spec.hidden, spec.intermediate
     layers = []
     for n in range(spec.layers):
         p = f"model.layers.{n}."
-        q = take(p + "self_attn.q_proj.weight", (spec.q_width, h))
-        k = take(p + "self_attn.k_proj.weight", (spec.kv_width, h))
-        v = take(p + "self_attn.v_proj.weight", (spec.kv_width, h))
-        gate = take(p + "mlp.gate_proj.weight", (i, h))
-        up = take(p + "mlp.up_proj.weight", (i, h))
+        qkv = [ck.take(p + "self_attn.q_proj.weight", (spec.q_width, h), rows=q),
+               ck.take(p + "self_attn.k_proj.weight", (spec.kv_width, h), rows=kv),
+               ck.take(p + "self_attn.v_proj.weight", (spec.kv_width, h), rows=kv)]
+        gate_up = [ck.take(p + "mlp.gate_proj.weight", (i, h), rows=mlp),
+                   ck.take(p + "mlp.up_proj.weight", (i, h), rows=mlp)]
         layers.append(LayerWeights(
-            input_norm=take(p + "input_layernorm.weight", (h,)).to(device),
-            qkv=torch.cat([q, k, v]).to(device),
-            o=take(p + "self_attn.o_proj.weight", (h, spec.q_width)).to(device),
-            post_norm=take(p + "post_attention_layernorm.weight", (h,)).to(device),
-            gate_up=torch.cat([gate, up]).to(device),
-            down=take(p + "mlp.down_proj.weight", (h, i)).to(device),
+            input_norm=ck.take(p + "input_layernorm.weight", (h,)).to(device),
+            qkv=torch.cat(qkv).to(device),
+            o=ck.take(p + "self_attn.o_proj.weight", (h, spec.q_width), cols=q).to(device),
+            post_norm=ck.take(p + "post_attention_layernorm.weight", (h,)).to(device),
+            gate_up=torch.cat(gate_up).to(device),
+            down=ck.take(p + "mlp.down_proj.weight", (h, i), cols=mlp).to(device),
         ))
-    embed = take("model.embed_tokens.weight", (spec.vocab, h)).to(device)
-    if spec.tie_embeddings:
-        sd.pop("lm_head.weight", None)
-        lm_head = embed
+    embed = ck.take("model.embed_tokens.weight", (spec.vocab, h)).to(device)
+    if spec.tie_embeddings or tp_rank > 0:
+        ck.used.add("lm_head.weight")
+        lm_head = embed  # tied; or a worker rank, which never computes logits
     else:
-        lm_head = take("lm_head.weight", (spec.vocab, h)).to(device)
-    norm = take("model.norm.weight", (h,)).to(device)
-    leftover = [k for k in sd if not k.endswith("rotary_emb.inv_freq")]
+        lm_head = ck.take("lm_head.weight", (spec.vocab, h)).to(device)
+    norm = ck.take("model.norm.weight", (h,)).to(device)
+    leftover = [k for k in ck.where if k not in ck.used and not k.endswith("rotary_emb.inv_freq")]
     if leftover:
         log.warning("ignoring %d unexpected checkpoint tensors, e.g. %s", len(leftover), leftover[:3])
+    log.info("loaded %d tensors from %d safetensors file(s) in %s%s", len(ck.used), len(ck.files), model_dir,
+             f" (tensor-parallel shard {tp_rank}/{tp_size})" if tp_size > 1 else "")
     return BaseWeights(embed=embed, layers=layers, norm=norm, lm_head=lm_head)

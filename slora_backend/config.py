@@ -14,7 +14,7 @@ class EngineConfig:
     device: str = "auto"  # auto = cuda when available, else cpu
     kernel_backend: str = "auto"  # auto = triton on cuda, torch on cpu; or triton / torch
     pool_pages: int = 0  # pages in the unified pool; 0 = size from memory below
-    gpu_memory_fraction: float = 0.90  # on CUDA: weights + pool take this share of GPU memory
+    gpu_memory_fraction: float = 0.93  # on CUDA: weights + pool + activation reserve take this share
     cpu_pool_mb: int = 512  # on CPU with pool_pages = 0: pool size in MiB
     max_rank: int = 64  # adapters of a larger rank are refused
     max_batch_size: int = 256  # running requests at once
@@ -23,6 +23,16 @@ class EngineConfig:
     max_model_len: int = 0  # 0 = the model's max_position_embeddings
     max_tokens_limit: int = 4096  # largest max_tokens a request may ask for
     cuda_graphs: bool = True  # on CUDA with the Triton kernels: replay decode steps from graphs
+    # GPUs of this host the model is split over (tensor parallelism; rank 0 runs in the engine,
+    # one worker process per other GPU; gloo processes on CPU). 1 = one GPU.
+    tensor_parallel_size: int = 1
+    # Benchmarks only: leave out the LoRA collectives of tensor parallelism. Wrong outputs; it
+    # times what those collectives cost.
+    tp_skip_lora_collectives: bool = False
+    # Host memory for adapter page images read from disk (LRU beyond it); <= 0 = unlimited.
+    # Adapters registered in memory (dummy_adapters) are kept outside it: they have no disk copy.
+    host_adapter_budget_mb: float = 4096.0
+    max_upload_mb: float = 512.0  # largest adapter upload (config + safetensors) a request may carry
     # Benchmarks only: "N:RANKS:TARGETS" registers N random adapters adapter-00000.. at start,
     # ranks drawn from RANKS (e.g. 64,32,16,8), TARGETS qkvo or all. Empty = none.
     dummy_adapters: str = ""

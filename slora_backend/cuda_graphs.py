@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import time
 
+import numpy as np
 import torch
 
 from kernels.lora_batch import LoraBatch
@@ -97,32 +98,46 @@ class DecodeGraphs:
                 inputs = self._inputs(b, rank)
                 side.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(side):
-                    for _ in range(2):  # compile the kernels and settle the allocator outside capture
-                        self.runner.forward(inputs)
+                    for _ in range(2):  # compile kernels, settle the allocator (and NCCL) outside capture
+                        self._model(inputs)
                 torch.cuda.current_stream().wait_stream(side)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=self.mempool):
-                    logits = self.runner.forward(inputs)
+                    logits = self._model(inputs)
                 self.graphs[(b, rank)] = (graph, logits)
         torch.cuda.synchronize()
-        log.info("captured %d decode CUDA graphs (batch buckets up to %d, rank buckets %s) in %.1fs",
-                 len(self.graphs), self.sizes[-1], self.ranks, time.monotonic() - t0)
+        log.info("%s: captured %d decode CUDA graphs (batch buckets up to %d, rank buckets %s) in %.1fs",
+                 type(self).__name__, len(self.graphs), self.sizes[-1], self.ranks, time.monotonic() - t0)
+
+    def _model(self, inputs: StepInputs) -> torch.Tensor | None:
+        """What a graph captures: the whole forward (tensor parallelism replaces it)."""
+        return self.runner.forward(inputs)
 
     def run(self, step: ScheduledStep, adapters: AdapterCache) -> torch.Tensor:
         """Logits (B, vocab) of a decode step, by graph replay."""
+        return self.replay(*self.stage(step, adapters))
+
+    def stage(self, step: ScheduledStep, adapters: AdapterCache) -> tuple[int, int, int]:
+        """Copy the step's inputs into the static buffers; returns (rows, bucket, rank bucket).
+
+        Host work only, plus async copies: every per-request list is already a numpy row
+        (PageList), so this is a few vector operations and one memcpy per request.
+        """
         reqs = step.requests
         n = len(reqs)
         b = self.bucket(n)
-        rows = self.h_rows.numpy()
-        rows[:, :b] = ((0,), (0,), (self.scratch_k,), (self.scratch_v,), (1,))
-        max_len = 1
+        lens = np.fromiter((r.seq_len for r in reqs), dtype=np.int64, count=n)
+        max_len = int(lens.max())
         table = self.h_table.numpy()
         for i, r in enumerate(reqs):
-            seq = r.seq_len
-            rows[0, i], rows[1, i] = r.all_ids[-1], seq - 1
-            rows[2, i], rows[3, i], rows[4, i] = r.kv_pages[-2], r.kv_pages[-1], seq
-            table[i, : 2 * seq] = r.kv_pages
-            max_len = max(max_len, seq)
+            table[i, : 2 * lens[i]] = r.kv_pages.array
+        rows = self.h_rows.numpy()
+        rows[:, n:b] = ((0,), (0,), (self.scratch_k,), (self.scratch_v,), (1,))  # padding rows
+        rows[0, :n] = np.fromiter((r.last_id for r in reqs), dtype=np.int64, count=n)
+        rows[1, :n] = lens - 1
+        rows[2, :n] = table[np.arange(n), 2 * lens - 2]
+        rows[3, :n] = table[np.arange(n), 2 * lens - 1]
+        rows[4, :n] = lens
         h = self.h_rows
         self.input_ids[:b].copy_(h[0, :b], non_blocking=True)
         self.positions[:b].copy_(h[1, :b], non_blocking=True)
@@ -141,17 +156,20 @@ class DecodeGraphs:
             seg = self.h_seg_adapter.numpy()
             seg[:b] = -1
             seg[:n] = tables.seg_adapter
-            ints = self.h_lora_ints.numpy()
-            ints[:] = 0
-            ints[0, :, :a], ints[1, :, :a], ints[2, :, :a] = tables.ranks, tables.a_starts, tables.b_starts
+            self.h_lora_ints.numpy()[:, :, :a] = tables.ints
             self.h_scales.numpy()[:, :a] = tables.scales
             self.seg_adapter[:b].copy_(self.h_seg_adapter[:b], non_blocking=True)
+            # Columns past `a` keep stale values: no segment of this step points at them.
             self.lora_ints.copy_(self.h_lora_ints, non_blocking=True)
             self.scales.copy_(self.h_scales, non_blocking=True)
             torch.cat(tables.page_id_parts, out=self.page_ids[: tables.total_pages])
+        return n, b, rank
+
+    def replay(self, n: int, b: int, rank: int) -> torch.Tensor:
         captured = self.graphs.get((b, rank))
         if captured is None:  # not captured (CPU tests): run the same static inputs eagerly
-            return self.runner.forward(self._inputs(b, rank))[:n]
-        graph, logits = captured
-        graph.replay()
-        return logits[:n]
+            logits = self._model(self._inputs(b, rank))
+        else:
+            graph, logits = captured
+            graph.replay()
+        return None if logits is None else logits[:n]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -19,7 +20,16 @@ import torch
 from kernels import get_ops
 
 from .adapter_cache import AdapterCache
-from .adapters import ADAPTER_NAME_RE, AdapterError, HostAdapter, resolve_adapter_dir, validate_name
+from .adapters import (
+    ADAPTER_NAME_RE,
+    AdapterError,
+    HostAdapter,
+    describe_on_disk,
+    install_upload,
+    resolve_adapter_dir,
+    stage_upload,
+    validate_name,
+)
 from .checkpoint import ModelSpec, load_base_weights, read_spec
 from .config import EngineConfig
 from .cuda_graphs import DecodeGraphs
@@ -38,6 +48,7 @@ from .request import (
 )
 from .sampler import Sampler
 from .scheduler import Scheduler
+from .tensor_parallel import ShardedAdapterCache, pool_capacity
 from .tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -80,35 +91,61 @@ class Engine:
             backend = "triton" if self.device.type == "cuda" else "torch"
         self.kernel_backend = backend
         t0 = time.monotonic()
+        tp_size = config.tensor_parallel_size
+        self.tp = None  # tp_worker.TPLeader with tensor parallelism (docs/DESIGN.md)
         if is_dummy(config.model_dir):  # benchmarks: random weights of a named shape, token ids only
             self.spec: ModelSpec = dummy_spec(config.model_dir, config.max_model_len or 4096)
-            weights = dummy_weights(self.spec, self.dtype, self.device)
         else:
             self.spec = read_spec(config.model_dir)
             if tokenizer is None:
                 tokenizer = load_tokenizer(config.model_dir)
-            weights = load_base_weights(config.model_dir, self.spec, self.dtype, self.device)
+        if tp_size > 1:  # workers spawned first: they load their shards while rank 0 loads its own
+            from .tp_worker import TPLeader
+
+            self.tp = TPLeader(config, self.spec, self.device, self.dtype, backend)
+            self.device = self.tp.device
+        if is_dummy(config.model_dir):
+            weights = dummy_weights(self.spec, self.dtype, self.device, tp_size=tp_size)
+        else:
+            weights = load_base_weights(config.model_dir, self.spec, self.dtype, self.device, tp_size=tp_size)
         self.max_model_len = config.max_model_len or self.spec.max_position
         self.tokenizer = tokenizer
         self._tok_lock = threading.Lock()
-        pages = self._pool_pages()
         s = self.spec
+        run_spec = s if self.tp is None else self.tp.local_spec  # the shapes this process computes
+        if self.tp is None:
+            pages = self._pool_pages()
+        else:
+            pages = self.tp.agree_pool_pages(pool_capacity(config, run_spec, self.dtype, self.device))
         use_graphs = config.cuda_graphs and self.device.type == "cuda" and backend == "triton"
-        # With CUDA graphs, two scratch pages past the allocator's range absorb padding rows.
-        extra = 2 if use_graphs else 0
-        self.pool_tensor = torch.zeros(s.layers, pages + extra, s.page_width, dtype=self.dtype, device=self.device)
+        # With CUDA graphs, two scratch pages past the allocator's range absorb padding rows
+        # (always there with tensor parallelism, whose static decode path is also tested on CPU).
+        extra = 2 if use_graphs or self.tp is not None else 0
+        self.pool_tensor = torch.zeros(s.layers, pages + extra, run_spec.page_width, dtype=self.dtype,
+                                       device=self.device)
         self.pool = PagePool(pages)
-        self.adapters = AdapterCache(s, self.dtype, self.pool, self.pool_tensor, config.adapter_dir,
-                                     config.max_rank)
+        cache_args = (s, self.dtype, self.pool, self.pool_tensor, config.adapter_dir, config.max_rank,
+                      int(config.host_adapter_budget_mb * 2**20))
+        if self.tp is None:
+            self.adapters = AdapterCache(*cache_args)
+        else:
+            self.adapters = ShardedAdapterCache(*cache_args, tp_size=tp_size, send=self.tp.send)
         self.scheduler = Scheduler(self.pool, self.adapters, config.max_batch_size,
                                    config.max_prefill_tokens)
-        self.runner = ModelRunner(s, weights, self.pool_tensor, get_ops(backend), self.max_model_len)
+        self.scheduler.on_adapter_error = self._adapter_failed
+        self.runner = ModelRunner(run_spec, weights, self.pool_tensor, get_ops(backend), self.max_model_len,
+                                  tp=None if self.tp is None else self.tp.group)
         self.sampler = Sampler(self.device)
         self.graphs: DecodeGraphs | None = None
-        if use_graphs:
+        if use_graphs and self.tp is None:
             self.graphs = DecodeGraphs(self.runner, config.max_batch_size, config.max_rank, (pages, pages + 1),
                                        pages)
             self.graphs.capture()
+        if self.tp is not None:  # every rank captures the same graphs, together (collectives inside)
+            from .tp_graphs import attach_tp_graphs
+
+            attach_tp_graphs(self.runner, config, use_graphs, pages)
+            self.tp.expect("ready")
         self._adapter_lock = threading.Lock()  # host registry is filled from caller threads
         self._unloaded: set[str] = set()  # refused for new requests until loaded again
         self.requests_served: dict[str, int] = {}  # finished requests per adapter
@@ -127,6 +164,11 @@ class Engine:
                  self.pool_tensor.numel() * self.pool_tensor.element_size() / 2**20)
         if config.dummy_adapters:
             register_dummy_adapters(self, config.dummy_adapters)
+        if self.tp is not None:
+            self.tp.on_failure = self._tp_failed  # from now on a dead worker stops the engine
+            if self.tp.failed is not None:
+                self.tp.shutdown()
+                raise RuntimeError(self.tp.failed)
         self._thread = threading.Thread(target=self._loop, name="slora-engine", daemon=True)
         self._thread.start()
 
@@ -162,7 +204,7 @@ class Engine:
                 if adapter in self._unloaded:
                     raise RequestError(f"adapter {adapter!r} is unloaded; load it again to use it")
                 try:
-                    adapter_pages = self.adapters.get_host(adapter).n_pages
+                    adapter_pages = self.adapters.prefetch(adapter).n_pages
                 except AdapterError as e:
                     raise RequestError(str(e)) from None
         total_len = min(len(ids) + params.max_tokens, self.max_model_len)
@@ -170,12 +212,16 @@ class Engine:
         if need > self.pool.num_pages:
             raise RequestError(f"request needs {need} pool pages ({total_len} tokens + adapter), "
                                f"the pool has {self.pool.num_pages}: lower max_tokens or the prompt")
+        req = Request(prompt_ids=ids, params=params, adapter=adapter, on_output=on_output)
         with self._pending_lock:
+            # Under the lock that the dying loop takes to set _stop: a request is either queued
+            # before its final drain (and failed there) or refused here, never left unanswered.
+            if self._stop:
+                raise RequestError(f"engine is not running: {self._error!r}")
             if self._pending >= self.config.max_queue + self.config.max_batch_size:
                 raise RequestError("server busy: request queue is full, retry later")
             self._pending += 1
-        req = Request(prompt_ids=ids, params=params, adapter=adapter, on_output=on_output)
-        self._inbox.put(("add", req))
+            self._inbox.put(("add", req))
         self._wake.set()
         return req.request_id
 
@@ -204,7 +250,7 @@ class Engine:
                 self.adapters.get_host(name)
             except AdapterError as e:
                 raise RequestError(str(e)) from None
-        return next(a for a in self.list_adapters() if a["name"] == name)
+        return self._adapter_entry(name)
 
     def unload_adapter(self, name: str) -> dict:
         """New requests for `name` are refused; running ones finish, then its memory is freed."""
@@ -213,8 +259,7 @@ class Engine:
                 validate_name(name)
             except AdapterError as e:
                 raise RequestError(str(e)) from None
-            known = name in self.adapters.host or name in self.adapters.resident
-            if not known:  # still on disk only: unloading it blocks its first use
+            if not self.adapters.known(name):  # still on disk only: unloading it blocks its first use
                 try:
                     resolve_adapter_dir(self.config.adapter_dir, name)
                 except AdapterError:
@@ -223,29 +268,91 @@ class Engine:
         self._call_in_engine(lambda: self.adapters.drop(name))
         return {"name": name, "unloaded": True}
 
+    def upload_adapter(self, name: str, config_json: bytes, weights: bytes) -> dict:
+        """Validate an adapter sent in a request, persist it under the adapter directory, serve it.
+
+        Refused exactly like an adapter on disk (adapters.load_adapter validates the staged
+        files). An existing name is replaced only after the operator unloaded it and its last
+        running request finished: clients never see two versions under one name.
+        """
+        limit = int(self.config.max_upload_mb * 2**20)
+        size = len(config_json) + len(weights)
+        if size > limit:
+            raise RequestError(f"upload of {size} bytes exceeds the limit of {limit} bytes "
+                               f"(parameter max_upload_mb = {self.config.max_upload_mb:g})")
+        try:
+            validate_name(name)
+            with self._adapter_lock:  # refuse early, before writing anything
+                self._check_upload_name(name)
+            staging, adapter = stage_upload(self.config.adapter_dir, name, config_json, weights, self.spec,
+                                            self.dtype, self.config.max_rank, pin=self.device.type == "cuda")
+            with self._adapter_lock:  # again: the name may have been taken meanwhile
+                try:
+                    replace = self._check_upload_name(name)
+                except AdapterError:
+                    shutil.rmtree(staging, ignore_errors=True)
+                    raise
+                install_upload(self.config.adapter_dir, staging, name, replace)
+                self.adapters.add_host(adapter)
+                self._unloaded.discard(name)
+        except AdapterError as e:
+            raise RequestError(f"upload refused: {e}") from None
+        except OSError as e:
+            raise RequestError(f"upload of {name!r} could not be written: {e}") from None
+        log.info("adapter %s uploaded (%d bytes%s)", name, size, ", replacing the old version" if replace else "")
+        return {**self._adapter_entry(name), "uploaded": True, "replaced": replace}
+
+    def _check_upload_name(self, name: str) -> bool:
+        """Whether an upload of `name` replaces an unloaded adapter; raises if the name is taken."""
+        if name in self._unloaded:
+            if self._call_in_engine(lambda: name in self.adapters.resident):
+                raise AdapterError(f"the unloaded adapter {name!r} still has running requests; "
+                                   "retry when they have finished")
+            return True
+        on_disk = bool(self.config.adapter_dir) and os.path.lexists(os.path.join(self.config.adapter_dir, name))
+        if on_disk or self.adapters.known(name):
+            raise AdapterError(f"adapter {name!r} already exists; unload it first to replace it")
+        return False
+
     def list_adapters(self) -> list[dict]:
-        """Every adapter: name, rank, target modules, tier (gpu/host/disk), bytes, requests served."""
+        """Every adapter: name, rank, target modules, tier (gpu/host/disk), bytes, requests served.
 
-        def collect() -> list[dict]:
-            out = {}
-            for name, host in list(self.adapters.host.items()):
-                out[name] = {"name": name, "rank": host.rank, "target_modules": host.target_modules,
-                             "tier": "host", "bytes": host.nbytes}
-            for name, res in self.adapters.resident.items():
-                out[name] = {"name": name, "rank": res.host.rank, "target_modules": res.host.target_modules,
-                             "tier": "gpu", "bytes": res.host.nbytes}
-            return list(out.values())
-
-        entries = {e["name"]: e for e in self._call_in_engine(collect)}
+        Adapters never read are described from their adapter_config.json (rank, targets, the
+        bytes their page images will take); their weights are validated on first use.
+        """
+        entries = {e["name"]: e for e in self._call_in_engine(self.adapters.describe)}
         for name in self._adapter_dir_names():
-            entries.setdefault(name, {"name": name, "rank": None, "target_modules": None, "tier": "disk",
-                                      "bytes": None})
-        for name, entry in entries.items():
-            entry["requests_served"] = self.requests_served.get(name, 0)
-            entry["unloaded"] = name in self._unloaded
-        return sorted(entries.values(), key=lambda e: e["name"])
+            if name not in entries:
+                entries[name] = self._disk_entry(name)
+        return [self._finish_entry(e) for _, e in sorted(entries.items())]
 
-    def _adapter_dir_names(self, limit: int = 100_000) -> list[str]:
+    def _adapter_entry(self, name: str) -> dict:
+        """The list entry of one adapter."""
+        found = [e for e in self._call_in_engine(self.adapters.describe) if e["name"] == name]
+        return self._finish_entry(found[0] if found else self._disk_entry(name))
+
+    def _disk_entry(self, name: str) -> dict:
+        entry = {"name": name, "rank": None, "target_modules": None, "tier": "disk", "bytes": None,
+                 "on_disk": True}
+        try:
+            path = resolve_adapter_dir(self.config.adapter_dir, name)
+            entry.update(describe_on_disk(path, self.spec, self.pool_tensor.element_size()))
+        except (AdapterError, OSError, ValueError) as e:
+            entry["error"] = str(e)
+        return entry
+
+    def _finish_entry(self, entry: dict) -> dict:
+        entry["requests_served"] = self.requests_served.get(entry["name"], 0)
+        entry["unloaded"] = entry["name"] in self._unloaded
+        return entry
+
+    def _adapter_failed(self, req: Request, message: str) -> None:
+        """The scheduler could not read a waiting request's adapter (its files changed since submit)."""
+        tracked = self._tracked.get(req.request_id)
+        if tracked is not None:
+            self._finish(tracked, FinishReason.ERROR, error=message)
+
+    def _adapter_dir_names(self, limit: int = 1_000_000) -> list[str]:
         root = self.config.adapter_dir
         if not root or not os.path.isdir(root):
             return []
@@ -280,11 +387,9 @@ class Engine:
             self.adapters.register(adapter)
 
     def stats(self) -> dict:
-        a = self.adapters.stats()
         return {
             "pool": asdict(self.pool.stats()),
-            "adapters": {"registered": a.registered, "resident": a.resident, "loads": a.loads,
-                         "evictions": a.evictions},
+            "adapters": asdict(self.adapters.stats()),
             "requests": {"waiting": len(self.scheduler.waiting), "running": len(self.scheduler.running),
                          "preemptions": self.scheduler.preemptions,
                          "pool_used_at_first_preemption": self.scheduler.used_at_first_preemption},
@@ -295,10 +400,23 @@ class Engine:
     def is_alive(self) -> bool:
         return self._thread.is_alive() and not self._stop
 
+    @property
+    def failure(self) -> str | None:
+        """Why the engine stopped by itself (a dead thread, a dead worker); None otherwise."""
+        return None if self._error is None else repr(self._error)
+
     def shutdown(self, timeout: float = 10.0) -> None:
         self._stop = True
         self._wake.set()
         self._thread.join(timeout)
+        if self.tp is not None:
+            self.tp.shutdown()
+
+    def _tp_failed(self, reason: str) -> None:
+        """A tensor-parallel worker died (supervisor thread): stop, failing every request."""
+        self._error = RuntimeError(reason)
+        self._stop = True
+        self._wake.set()
 
     def _prompt_ids(self, prompt, prompt_ids, chat) -> list[int]:
         if prompt_ids is not None and len(prompt_ids) > 0:
@@ -327,9 +445,15 @@ class Engine:
 
     # -- engine thread -------------------------------------------------------------------
     def _loop(self) -> None:
+        # Test-only fault injection (tests/test_recovery.py): with SLORA_TEST_ENGINE_CRASH_FILE set,
+        # the loop dies like an unexpected bug once that file appears (it is consumed, so a
+        # reloaded engine runs normally). Unset in production: one None check per iteration.
+        crash_file = os.environ.get("SLORA_TEST_ENGINE_CRASH_FILE") or None
         try:
             while not self._stop:
                 self._drain_inbox()
+                if crash_file is not None:
+                    _injected_crash(crash_file)
                 if not self.scheduler.has_work():
                     self._wake.wait(0.05)
                     self._wake.clear()
@@ -344,8 +468,11 @@ class Engine:
             log.exception("engine thread died")
             self._error = e
         finally:
-            self._stop = True
+            with self._pending_lock:  # see submit()
+                self._stop = True
             self._fail_all("engine stopped" if self._error is None else f"engine failed: {self._error}")
+            if self.tp is not None:
+                self.tp.shutdown()
 
     def _drain_inbox(self) -> None:
         while True:
@@ -382,6 +509,8 @@ class Engine:
                 logits = self.runner.forward(self.runner.prepare(step, self.adapters))
             tokens = self.sampler.sample(logits, step.requests)
         except Exception as e:
+            if self.tp is not None:  # the ranks may be out of step now: a tensor-parallel engine stops
+                raise RuntimeError(self.tp.explain(e)) from e
             # Contain the failure to this batch: its requests get errors, the engine goes on.
             log.exception("step failed for %d requests", len(step.requests))
             for req in step.requests:
@@ -461,6 +590,14 @@ class Engine:
             self._drain_inbox()
         except Exception:
             log.exception("draining the inbox failed")
+
+
+def _injected_crash(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return
+    raise RuntimeError(f"test fault injection: {path} appeared (SLORA_TEST_ENGINE_CRASH_FILE)")
 
 
 __all__ = ["Engine", "EngineConfig", "RequestError", "SamplingParams", "Status"]

@@ -53,8 +53,12 @@ def rope_inv_freq(spec: ModelSpec) -> torch.Tensor:
 
 class ModelRunner:
     def __init__(self, spec: ModelSpec, weights: BaseWeights, pool: torch.Tensor, ops,
-                 max_model_len: int):
+                 max_model_len: int, tp=None):
+        """With tensor parallelism `spec` is this rank's shape (tensor_parallel.local_spec),
+        `weights` and `pool` its shards, and `tp` its tensor_parallel.TPGroup; None = one GPU."""
         self.spec, self.w, self.pool, self.ops = spec, weights, pool, ops
+        self.tp = tp
+        self.tp_graphs = None  # tp_graphs.TPDecodeGraphs, set once captured
         self.device, self.dtype = pool.device, pool.dtype
         self.max_model_len = max_model_len
         inv = rope_inv_freq(spec)
@@ -71,38 +75,29 @@ class ModelRunner:
     def prepare(self, step: ScheduledStep, adapters: AdapterCache) -> StepInputs:
         dev = self.device
         reqs = step.requests
-        ids: list[int] = []
-        positions: list[int] = []
-        k_pages: list[int] = []
-        v_pages: list[int] = []
-        bounds = [0]
         if step.prefill:
-            for r in reqs:
-                toks = r.all_ids
-                ids.extend(toks)
-                positions.extend(range(len(toks)))
-                k_pages.extend(r.kv_pages[0::2])
-                v_pages.extend(r.kv_pages[1::2])
-                bounds.append(len(ids))
+            ids = [t for r in reqs for t in r.all_ids]
+            positions = np.concatenate([np.arange(r.seq_len) for r in reqs])
+            pages = np.concatenate([r.kv_pages.array for r in reqs])  # K0 V0 K1 V1 ... per request
+            bounds = np.cumsum([0] + [r.seq_len for r in reqs]).tolist()
             kv_table = seq_lens = None
         else:
-            max_len = max(r.seq_len for r in reqs)
-            table = np.zeros((len(reqs), max_len * 2), dtype=np.int32)
+            lens = np.array([r.seq_len for r in reqs], dtype=np.int64)
+            ids = [r.last_id for r in reqs]
+            positions = lens - 1
+            table = np.zeros((len(reqs), int(lens.max()) * 2), dtype=np.int32)
             for i, r in enumerate(reqs):
-                ids.append(r.all_ids[-1])
-                positions.append(r.seq_len - 1)
-                k_pages.append(r.kv_pages[-2])
-                v_pages.append(r.kv_pages[-1])
-                table[i, : len(r.kv_pages)] = r.kv_pages
-                bounds.append(i + 1)
-            kv_table = torch.from_numpy(table).view(len(reqs), max_len, 2).to(dev)
-            seq_lens = torch.tensor([r.seq_len for r in reqs], dtype=torch.int32, device=dev)
+                table[i, : len(r.kv_pages)] = r.kv_pages.array
+            pages = table[np.arange(len(reqs))[:, None], (2 * positions)[:, None] + (0, 1)].reshape(-1)
+            bounds = list(range(len(reqs) + 1))
+            kv_table = torch.from_numpy(table).view(len(reqs), -1, 2).to(dev)
+            seq_lens = torch.from_numpy(lens.astype(np.int32)).to(dev)
         return StepInputs(
             prefill=step.prefill,
             input_ids=torch.tensor(ids, dtype=torch.int64, device=dev),
-            positions=torch.tensor(positions, dtype=torch.int64, device=dev),
-            k_pages=torch.tensor(k_pages, dtype=torch.int32, device=dev),
-            v_pages=torch.tensor(v_pages, dtype=torch.int32, device=dev),
+            positions=torch.from_numpy(np.asarray(positions, dtype=np.int64)).to(dev),
+            k_pages=torch.from_numpy(pages[0::2].copy()).to(dev),
+            v_pages=torch.from_numpy(pages[1::2].copy()).to(dev),
             last_rows=torch.tensor([b - 1 for b in bounds[1:]], dtype=torch.int64, device=dev),
             seq_bounds=bounds,
             kv_table=kv_table,
@@ -127,13 +122,25 @@ class ModelRunner:
 
     # -- forward -------------------------------------------------------------------------
     @torch.inference_mode()
-    def forward(self, inp: StepInputs) -> torch.Tensor:
-        """Logits (B, vocab) in fp32 for the last row of every request.
+    def forward(self, inp: StepInputs) -> torch.Tensor | None:
+        """Logits (B, vocab) in fp32 for the last row of every request (None on TP workers).
 
         Elementwise work goes through fused ops (RMSNorm with the residual add before it,
         RoPE with the KV write, SwiGLU); the torch backend's twins round exactly as HF does.
         """
-        s, ops, lora = self.spec, self.ops, inp.lora
+        tp = self.tp
+        if tp is not None:
+            tp.share_inputs(inp)  # rank 0: every worker runs this same step
+            if self.tp_graphs is not None and self.tp_graphs.covers(inp):
+                return self.tp_graphs.run_inputs(inp)
+        return self.run_layers(inp)
+
+    @torch.inference_mode()
+    def run_layers(self, inp: StepInputs) -> torch.Tensor | None:
+        s, ops, lora, tp = self.spec, self.ops, inp.lora, self.tp
+        # Tensor parallel: shards of each projection, sharded LoRA (tensor_parallel.py), and
+        # an all-reduce completing o and down (base and LoRA alike).
+        tp_lora = tp.lora_step(lora) if tp is not None and lora is not None else None
         T = inp.input_ids.shape[0]
         h = self.w.embed[inp.input_ids]
         cos = self.cos[inp.positions]  # (T, D) fp32
@@ -144,7 +151,9 @@ class ModelRunner:
         for layer, w in enumerate(layers):
             pool = self.pool[layer]
             qkv = F.linear(x, w.qkv)
-            if lora is not None:
+            if tp_lora is not None:
+                tp.lora_column(x, qkv, pool, tp_lora, (0, 1, 2), self.qkv_offsets)
+            elif lora is not None:
                 ops.lora_apply(x, qkv, pool, lora, (0, 1, 2), self.qkv_offsets)
             # q and k rotated in place in qkv; k and v written to their pages.
             ops.rope_write_kv(qkv, cos, sin, pool, inp.k_pages, inp.v_pages,
@@ -158,20 +167,32 @@ class ModelRunner:
                 attn = ops.paged_decode_attention(q, pool, inp.kv_table, inp.seq_lens, self.sm_scale)
             attn = attn.reshape(T, qw)
             o = F.linear(attn, w.o)
-            if lora is not None:
+            if tp_lora is not None:
+                tp.lora_row(attn, o, pool, tp_lora, 3)
+            elif lora is not None:
                 ops.lora_apply(attn, o, pool, lora, (3,), (0,))
+            if tp is not None:
+                tp.all_reduce(o)
             x = ops.add_rms_norm(h, o, w.post_norm, eps)  # h += o
             gate_up = F.linear(x, w.gate_up)
-            if lora is not None:
+            if tp_lora is not None:
+                tp.lora_column(x, gate_up, pool, tp_lora, (4, 5), self.gate_up_offsets)
+            elif lora is not None:
                 ops.lora_apply(x, gate_up, pool, lora, (4, 5), self.gate_up_offsets)
             act = ops.silu_mul(gate_up)
             down = F.linear(act, w.down)
-            if lora is not None:
+            if tp_lora is not None:
+                tp.lora_row(act, down, pool, tp_lora, 6)
+            elif lora is not None:
                 ops.lora_apply(act, down, pool, lora, (6,), (0,))
+            if tp is not None:
+                tp.all_reduce(down)
             if layer + 1 < len(layers):
                 x = ops.add_rms_norm(h, down, layers[layer + 1].input_norm, eps)  # h += down
             else:
                 h += down
+        if tp is not None and not tp.is_leader:
+            return None  # only rank 0 samples
         last = ops.rms_norm(h[inp.last_rows], self.w.norm, eps)
         return F.linear(last, self.w.lm_head).float()
 

@@ -8,6 +8,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
+
 MAX_STOP_STRINGS = 16
 
 
@@ -67,6 +69,44 @@ OutputCallback = Callable[[RequestOutput], None]
 _ids = itertools.count(1)
 
 
+class PageList:
+    """A request's KV page ids, K then V for each token, in a growable int32 array.
+
+    A decode step copies every running request's whole list into the KV table; as numpy rows
+    that is a memcpy per request, where Python lists cost a conversion of every element.
+    """
+
+    __slots__ = ("_buf", "_n")
+
+    def __init__(self, pages=()):
+        self._buf = np.empty(max(64, 2 * len(pages)), dtype=np.int32)
+        self._n = 0
+        self.extend(pages)
+
+    def extend(self, pages) -> None:
+        end = self._n + len(pages)
+        if end > len(self._buf):
+            grown = np.empty(max(end, 2 * len(self._buf)), dtype=np.int32)
+            grown[: self._n] = self._buf[: self._n]
+            self._buf = grown
+        self._buf[self._n : end] = pages
+        self._n = end
+
+    @property
+    def array(self) -> np.ndarray:
+        """(2 * tokens,) int32 view: [K0, V0, K1, V1, ...]."""
+        return self._buf[: self._n]
+
+    def tolist(self) -> list[int]:
+        return self.array.tolist()
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, index):
+        return self.array[index]
+
+
 class Status(enum.Enum):
     WAITING = "waiting"  # queued, holds no pages
     RUNNING = "running"  # holds KV pages, decoding
@@ -85,10 +125,14 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     output_ids: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
-    kv_pages: list[int] = field(default_factory=list)  # 2 per computed token: K page, V page
+    kv_pages: PageList = field(default_factory=PageList)  # 2 per computed token: K page, V page
     num_computed: int = 0  # tokens whose K/V are in the pool
     preemptions: int = 0
     first_token_time: float | None = None
+
+    @property
+    def last_id(self) -> int:
+        return self.output_ids[-1] if self.output_ids else self.prompt_ids[-1]
 
     @property
     def all_ids(self) -> list[int]:

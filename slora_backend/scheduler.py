@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .adapter_cache import AdapterCache
+from .adapters import AdapterError
 from .page_pool import PagePool, PageUse
-from .request import Request, Status
+from .request import PageList, Request, Status
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,8 @@ class Scheduler:
         self.running: list[Request] = []
         self.preemptions = 0
         self.used_at_first_preemption: float | None = None  # share of pages in use (KV + adapters)
+        # Fails a waiting request whose adapter can no longer be read (the engine sets it).
+        self.on_adapter_error: Callable[[Request, str], None] | None = None
 
     def add(self, req: Request) -> None:
         self.waiting.append(req)
@@ -69,7 +73,15 @@ class Scheduler:
             if admitted and tokens + n > self.max_prefill_tokens:
                 break
             if req.adapter is not None and not self.adapters.is_ready(req.adapter):
-                if not self.adapters.start_load(req.adapter):
+                try:
+                    started = self.adapters.start_load(req.adapter)
+                except AdapterError as e:  # re-read from disk (host copy evicted) and refused
+                    if self.on_adapter_error is None:
+                        raise
+                    self.waiting.popleft()
+                    self.on_adapter_error(req, str(e))
+                    continue
+                if not started:
                     break  # not enough pages for the adapter yet: keep FIFO order
                 if not self.adapters.is_ready(req.adapter):
                     skipped.append(self.waiting.popleft())  # copy in flight: let others pass
@@ -81,7 +93,7 @@ class Scheduler:
                     self.adapters.release(req.adapter)
                 break
             self.waiting.popleft()
-            req.kv_pages = self.pool.alloc(2 * n, PageUse.KV)
+            req.kv_pages = PageList(self.pool.alloc(2 * n, PageUse.KV))
             req.num_computed = 0
             req.status = Status.RUNNING
             admitted.append(req)
@@ -96,8 +108,9 @@ class Scheduler:
         while self.running and not self.adapters.reclaim(2 * len(self.running)):
             victim = max(self.running, key=lambda r: r.arrival_time)
             self.preempt(victim)
-        for req in self.running:
-            req.kv_pages.extend(self.pool.alloc(2, PageUse.KV))
+        pages = self.pool.alloc(2 * len(self.running), PageUse.KV)  # one call: this runs every step
+        for i, req in enumerate(self.running):
+            req.kv_pages.extend(pages[2 * i : 2 * i + 2])
 
     def preempt(self, req: Request) -> None:
         log.info("preempting request %d (%d tokens) to free pages", req.request_id, req.seq_len)
@@ -126,8 +139,8 @@ class Scheduler:
 
     def _release(self, req: Request) -> None:
         if req.kv_pages:
-            self.pool.release(req.kv_pages, PageUse.KV)
-            req.kv_pages = []
+            self.pool.release(req.kv_pages.tolist(), PageUse.KV)
+            req.kv_pages = PageList()
         req.num_computed = 0
         if req.adapter is not None and req.status == Status.RUNNING:
             self.adapters.release(req.adapter)

@@ -12,6 +12,8 @@ default.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import math
 import os
@@ -36,7 +38,12 @@ INPUT_NAMES = (
     "exclude_input_in_output", "command",
 )
 # `command`: generate (default) or an adapter-lifecycle operation answered with JSON.
-COMMANDS = ("generate", "list_adapters", "load_adapter", "unload_adapter")
+# `stats` answers the engine's counters (pool pages, queue, preemptions): health probes and soaks.
+COMMANDS = ("generate", "list_adapters", "load_adapter", "unload_adapter", "upload_adapter", "stats")
+# Inputs of command=upload_adapter only: adapter_config.json text and adapter_model.safetensors
+# bytes (raw over gRPC; "base64:" + base64 text where the transport is JSON, as HTTP generate).
+UPLOAD_INPUTS = ("adapter_config", "adapter_weights")
+BASE64_PREFIX = b"base64:"
 # Request-parameter / sampling_parameters keys we read (besides INPUT_NAMES).
 EXTRA_KEYS = ("min_tokens", "lora_name")
 # vLLM sampling keys we do not implement: accepted only at their neutral value, so a vllm_backend
@@ -146,7 +153,11 @@ def parse_command(get_input: GetInput, parameters_json: str | None) -> tuple[str
     command = "generate" if value is None else _as_str("command", value).strip() or "generate"
     if command not in COMMANDS:
         raise RequestError(f"unknown command {command!r}; known: {', '.join(COMMANDS)}")
-    if command in ("generate", "list_adapters"):
+    if command != "upload_adapter":
+        extra = [n for n in UPLOAD_INPUTS if get_input(n) is not None]
+        if extra:
+            raise RequestError(f"inputs {', '.join(extra)} belong to command=upload_adapter only")
+    if command in ("generate", "list_adapters", "stats"):
         return command, None
     arr = get_input("adapter_id")
     name = _from_tensor("adapter_id", arr) if arr is not None else _request_parameters(parameters_json).get(
@@ -154,6 +165,30 @@ def parse_command(get_input: GetInput, parameters_json: str | None) -> tuple[str
     if not name:
         raise RequestError(f"{command} needs adapter_id")
     return command, _as_str("adapter_id", name)
+
+
+def parse_upload(get_input: GetInput) -> tuple[bytes, bytes]:
+    """(adapter_config.json bytes, adapter_model.safetensors bytes) of an upload_adapter request."""
+    out = []
+    for name in UPLOAD_INPUTS:
+        arr = get_input(name)
+        if arr is None:
+            raise RequestError(f"upload_adapter needs the input {name}")
+        value = _from_tensor(name, arr)
+        if isinstance(value, str):
+            value = value.encode("utf-8")
+        if not isinstance(value, (bytes, np.bytes_)):
+            raise RequestError(f"{name} must be bytes, got {type(value).__name__}")
+        value = bytes(value)
+        if value.startswith(BASE64_PREFIX):
+            # Unambiguous: a safetensors file starts with its header length as 8 little-endian
+            # bytes, which "base64:" would make about 10^18.
+            try:
+                value = base64.b64decode(value[len(BASE64_PREFIX):], validate=True)
+            except (binascii.Error, ValueError) as e:
+                raise RequestError(f"{name} is not valid base64: {e}") from None
+        out.append(value)
+    return out[0], out[1]
 
 
 def _sampling_parameters(get_input: GetInput, parameters_json: str | None) -> dict:

@@ -214,3 +214,144 @@ def metric_value(text: str, name: str, **labels: str) -> float:
         if all(got.get(k) == v for k, v in labels.items()):
             total += float(m.group(3))
     return total
+
+
+# -- faults, recovery and soak (tests/test_faults.py, tests/test_recovery.py, scripts/soak.py) --
+
+
+class ServeScript:
+    """scripts/serve.sh (tritonserver under scripts/watchdog.py) on free loopback ports.
+
+    Same attributes as TritonServer (http_url, grpc_url, metrics_url, proc, log_tail); `proc`
+    is the watchdog, whose process group holds tritonserver and its stub.
+    """
+
+    def __init__(self, log_path: str | os.PathLike, *, model: str | os.PathLike,
+                 adapters: str | os.PathLike, args: list[str] | None = None,
+                 server_args: list[str] | None = None, env: dict[str, str] | None = None,
+                 start_timeout: float = 180.0):
+        self.log_path = Path(log_path)
+        self.model, self.adapters = str(model), str(adapters)
+        self.args, self.server_args = list(args or []), list(server_args or [])
+        self.env = dict(os.environ, **(env or {}))
+        self.start_timeout = start_timeout
+        self.proc: subprocess.Popen | None = None
+        self.http_port = self.grpc_port = self.metrics_port = 0
+
+    http_url = TritonServer.http_url
+    grpc_url = TritonServer.grpc_url
+    metrics_url = TritonServer.metrics_url
+    log_tail = TritonServer.log_tail
+    metrics = TritonServer.metrics
+
+    def start(self) -> ServeScript:
+        self.http_port, self.grpc_port, self.metrics_port = (free_port() for _ in range(3))
+        cmd = [str(REPO_ROOT / "scripts" / "serve.sh"), "--model", self.model,
+               "--adapters", self.adapters, "--http-port", str(self.http_port),
+               "--grpc-port", str(self.grpc_port), "--metrics-port", str(self.metrics_port),
+               *self.args, "--", "--exit-timeout-secs=5", *self.server_args]
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                         env=self.env, start_new_session=True)
+        try:
+            wait_ready(f"http://{self.http_url}", self.proc, self.start_timeout, self.log_tail)
+        except RuntimeError:
+            self.stop()
+            raise
+        return self
+
+    def stop(self, grace: float = 20.0) -> None:
+        proc, self.proc = self.proc, None
+        stop_process_group(proc, grace)
+
+    def __enter__(self) -> ServeScript:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def process_tree(pid: int) -> list[int]:
+    """pid and its descendants (tritonserver -> Python-backend stubs)."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                with open(f"/proc/{entry}/stat") as f:
+                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+    out, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        out.append(parent)
+        todo += [p for p, pp in parents.items() if pp == parent]
+    return out
+
+
+def process_name(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return os.path.basename(f.read().split(b"\0")[0].decode(errors="replace"))
+    except OSError:
+        return ""
+
+
+def stub_pids(pid: int) -> list[int]:
+    """The Python-backend stub processes under pid."""
+    return [p for p in process_tree(pid) if process_name(p) == "triton_python_backend_stub"]
+
+
+def server_pids(pid: int) -> list[int]:
+    """tritonserver and stub processes under pid (pid itself included when it is one)."""
+    return [p for p in process_tree(pid)
+            if process_name(p) in ("tritonserver", "triton_python_backend_stub")]
+
+
+def rss_bytes(pids: list[int]) -> int:
+    """Resident memory of the given processes (VmRSS), summed; vanished ones count 0."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError, ValueError):
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+    return total
+
+
+def http_json(url: str, path: str, body: dict | None = None, timeout: float = 10.0
+              ) -> tuple[int, dict | list | str]:
+    """(status, parsed JSON body or text) of GET (body None) / POST to http://url/path;
+    status 0 when the server cannot be reached."""
+    import json
+
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(f"http://{url}{path}", data=data,
+                                 method="GET" if body is None else "POST",
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with _OPENER.open(req, timeout=timeout) as r:
+            status, text = r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        status, text = e.code, e.read().decode(errors="replace")
+    except (urllib.error.URLError, OSError) as e:
+        return 0, str(e)
+    try:
+        return status, json.loads(text)
+    except ValueError:
+        return status, text
+
+
+def model_ready(url: str) -> bool:
+    return http_json(url, f"/v2/models/{MODEL_NAME}/ready", timeout=5)[0] == 200
+
+
+def engine_stats(url: str, timeout: float = 30.0) -> dict:
+    """The engine's counters through the model's `stats` command (raises if it errs)."""
+    import json
+
+    status, body = http_json(url, f"/v2/models/{MODEL_NAME}/generate", {"command": "stats"},
+                             timeout)
+    if status != 200 or not isinstance(body, dict):
+        raise RuntimeError(f"stats command failed: HTTP {status} {body}")
+    return json.loads(body["text_output"])

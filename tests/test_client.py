@@ -32,7 +32,7 @@ def test_input_names_and_types_match_the_model_interface():
         "text_input": "BYTES", "input_ids": "INT32", "adapter_id": "BYTES",
         "max_tokens": "INT32", "temperature": "FP32", "top_p": "FP32", "top_k": "INT32",
         "seed": "INT64", "stop": "BYTES", "ignore_eos": "BOOL", "stream": "BOOL",
-        "chat": "BOOL", "command": "BYTES",
+        "chat": "BOOL", "command": "BYTES", "adapter_config": "BYTES", "adapter_weights": "BYTES",
     }
     assert {k: v[0] for k, v in INPUTS.items()} == expected
 
@@ -43,7 +43,7 @@ def test_build_inputs_all_fields():
         top_k=40, seed=2**40, stop=["a", "b c"], ignore_eos=True, stream=False, chat=True,
     )
     by = {name: (dt, arr) for name, dt, arr in got}
-    assert set(by) == set(INPUTS) - {"input_ids", "command"}
+    assert set(by) == set(INPUTS) - {"input_ids", "command", "adapter_config", "adapter_weights"}
     dt, arr = by["text_input"]
     assert dt == "BYTES" and arr.dtype == np.object_ and arr.tolist() == ["Hi é".encode()]
     assert by["adapter_id"][1].tolist() == [b"upper"]

@@ -5,6 +5,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+import triton
 
 from kernels import LoraBatch, get_ops
 from kernels.lora import (  # conftest.py has chosen the interpreter on CPU
@@ -119,6 +120,17 @@ def split_k_lora(split_k):
     return apply
 
 
+def unrolled_lora(x, y, pool, batch, module_ids, offsets):
+    """The MBGMV fixed-count loops: 3 expand column blocks, shrink splits of 2+ K blocks
+    inside one page (the page table is read once per split)."""
+    widths = [b - a for a, b in zip(offsets, (*offsets[1:], y.shape[1]), strict=True)]
+    cfg = pick_config(batch.max_seg_len, batch.max_rank, pool.shape[1], x.shape[1], x.dtype)
+    cfg = replace(cfg, shrink_unroll=True, expand_unroll=True, n_iters=3, block_n=min(cfg.block_n, 16),
+                  block_k=min(cfg.block_k, 16))
+    cfg = cfg.with_split_k(x.shape[1], triton.cdiv(x.shape[1], pool.shape[1]))
+    run_lora(x, y, pool, batch, _group_table(module_ids, offsets, widths, x.device), max(widths), cfg)
+
+
 def check(case_kwargs, seed, atol, rtol):
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
@@ -131,7 +143,7 @@ def check(case_kwargs, seed, atol, rtol):
     for s, a in enumerate(batch.seg_adapter.tolist()):
         if a < 0:
             base_rows[starts[s] : starts[s + 1]] = True
-    for lora_apply in (TRITON.lora_apply, split_k_lora(3), TORCH.lora_apply):
+    for lora_apply in (TRITON.lora_apply, split_k_lora(3), unrolled_lora, TORCH.lora_apply):
         # y as a column slice of a wider buffer: row stride != width must be honoured.
         wide = torch.zeros(y0.shape[0], y0.shape[1] + 7, dtype=y0.dtype, device=DEVICE)
         y = wide[:, : y0.shape[1]]

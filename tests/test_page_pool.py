@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from slora_backend.page_pool import OutOfPages, PagePool, PageUse
+from slora_backend.request import PageList
 
 
 @settings(max_examples=200, deadline=None)
@@ -47,3 +49,18 @@ def test_release_with_the_wrong_use_is_refused():
     pool.release(pages, PageUse.KV)
     with pytest.raises(RuntimeError):  # double free
         pool.release(pages, PageUse.KV)
+
+
+@settings(max_examples=100, deadline=None)
+@given(chunks=st.lists(st.lists(st.integers(0, 2**31 - 1), max_size=150), max_size=12))
+def test_page_list_grows_like_a_list(chunks):
+    # A request's KV page ids: appended every step, copied as one array into the KV table.
+    pages, expected = PageList(), []
+    for chunk in chunks:
+        pages.extend(chunk)
+        expected.extend(chunk)
+        assert len(pages) == len(expected)
+        assert pages.tolist() == expected
+        assert pages.array.dtype == np.int32 and pages.array.tolist() == expected
+    if expected:
+        assert pages[-1] == expected[-1] and pages[0::2].tolist() == expected[0::2]

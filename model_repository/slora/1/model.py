@@ -91,6 +91,13 @@ class _Metrics:
                                fam.COUNTER)
         self.f_queue = fam("slora_requests", "Engine requests by state (waiting, running)",
                            fam.GAUGE)
+        # Adapter load latency per tier step (disk_to_host, host_to_gpu): mean = seconds / loads.
+        self.f_stage_seconds = fam("slora_adapter_load_seconds_total",
+                                   "Time spent loading adapters, by stage", fam.COUNTER)
+        self.f_stage_loads = fam("slora_adapter_stage_loads_total", "Adapter loads, by stage",
+                                 fam.COUNTER)
+        self.f_host_bytes = fam("slora_adapter_host_bytes", "Host memory of adapters read from "
+                                "disk (used) and its budget (budget, 0 = unlimited)", fam.GAUGE)
         self._labels = triton_io.AdapterLabels()
         self._per_adapter: dict[str, tuple] = {}
         self._lock = threading.Lock()  # execute() and the response thread both create metrics
@@ -102,6 +109,11 @@ class _Metrics:
         self.loads = self.f_loads.Metric(labels={})
         self.evictions = self.f_evictions.Metric(labels={})
         self.queue = {k: self.f_queue.Metric(labels={"state": k}) for k in ("waiting", "running")}
+        self.stages = {k: (self.f_stage_seconds.Metric(labels={"stage": k}),
+                           self.f_stage_loads.Metric(labels={"stage": k}))
+                       for k in ("disk_to_host", "host_to_gpu")}
+        self._last_stage = {k: (0.0, 0) for k in self.stages}
+        self.host_bytes = {k: self.f_host_bytes.Metric(labels={"kind": k}) for k in ("used", "budget")}
         self._last_loads = 0
         self._last_evictions = 0
 
@@ -138,6 +150,15 @@ class _Metrics:
             self._last_evictions = adapters["evictions"]
         self.queue["waiting"].set(requests["waiting"])
         self.queue["running"].set(requests["running"])
+        for stage, (seconds, loads) in self.stages.items():
+            total, count = adapters[stage]["total_s"], adapters[stage]["count"]
+            last_total, last_count = self._last_stage[stage]
+            if count > last_count:
+                seconds.increment(total - last_total)
+                loads.increment(count - last_count)
+                self._last_stage[stage] = (total, count)
+        self.host_bytes["used"].set(adapters["host_bytes"])
+        self.host_bytes["budget"].set(adapters["host_budget_bytes"])
 
 
 class TritonPythonModel:
@@ -159,8 +180,13 @@ class TritonPythonModel:
             logging.basicConfig(level=logging.INFO, format="slora %(levelname)s %(name)s: %(message)s")
         model_config = json.loads(args["model_config"])
         params = triton_io.engine_parameters(model_config, REPO_ROOT)
+        if os.environ.get("SLORA_TENSOR_PARALLEL_SIZE"):  # scripts/serve.sh --tp N
+            params["tensor_parallel_size"] = os.environ["SLORA_TENSOR_PARALLEL_SIZE"]
         self.log.log_info(f"slora: engine parameters {params}")
         self.engine = Engine(EngineConfig.from_parameters(params))
+        self.model_name = args["model_name"]
+        self._finalizing = False
+        self._unload_requested = False
         self.metrics = _Metrics()
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._live: dict[int, _Live] = {}  # id(_Live) -> state, for cancellation and shutdown
@@ -175,10 +201,14 @@ class TritonPythonModel:
         arrival = time.monotonic()
         for request in requests:
             sender = request.get_response_sender()
+            if not self.engine.is_alive():  # every request, commands too: health probes see it
+                self._reject(sender, None, f"the slora engine has stopped ({self.engine.failure}); "
+                             "this model instance cannot serve until it is reloaded")
+                continue
             try:
                 command, name = triton_io.parse_command(lambda n, r=request: _input(r, n), request.parameters())
                 if command != "generate":
-                    self._lifecycle(sender, command, name)
+                    self._lifecycle(sender, command, name, lambda n, r=request: _input(r, n))
                     continue
                 parsed = triton_io.parse_request(
                     lambda name, r=request: _input(r, name), request.parameters())
@@ -209,6 +239,7 @@ class TritonPythonModel:
     def finalize(self) -> None:
         """Stop the engine (it fails what is in flight) and send every request its FINAL."""
         self.log.log_info("slora: finalize")
+        self._finalizing = True
         self.engine.shutdown()
         self._queue.put(None)
         self._thread.join(timeout=30)
@@ -219,15 +250,20 @@ class TritonPythonModel:
             if not live.done:
                 self._send_error(live, "the model is being unloaded")
 
-    def _lifecycle(self, sender, command: str, name: str | None) -> None:
-        """Adapter list/load/unload: one JSON answer with the FINAL flag (errors as errors)."""
+    def _lifecycle(self, sender, command: str, name: str | None, get_input) -> None:
+        """Adapter list/load/unload/upload: one JSON answer with the FINAL flag (errors as errors)."""
         if command == "list_adapters":
             result = self.engine.list_adapters()
         elif command == "load_adapter":
             result = self.engine.load_adapter(name)
+        elif command == "upload_adapter":
+            result = self.engine.upload_adapter(name, *triton_io.parse_upload(get_input))
+        elif command == "stats":  # the watchdog probes with it every second: not logged
+            result = {"alive": self.engine.is_alive(), **self.engine.stats()}
         else:
             result = self.engine.unload_adapter(name)
-        self.log.log_info(f"slora: {command} {name or ''}")
+        if command != "stats":
+            self.log.log_info(f"slora: {command} {name or ''}")
         arrays = triton_io.output_arrays(json.dumps(result), [], "stop")
         sender.send(pb_utils.InferenceResponse(
             output_tensors=[pb_utils.Tensor(k, v) for k, v in arrays.items()]), flags=FINAL)
@@ -273,8 +309,34 @@ class TritonPythonModel:
                 if now >= next_stats:
                     next_stats = now + STATS_POLL_S
                     self.metrics.update(self.engine.stats())
+                    self._check_engine()
             except Exception as e:  # the response thread must survive anything
                 self.log.log_error(f"slora: response thread: {e!r}")
+
+    def _check_engine(self) -> None:
+        """If the engine stopped by itself, ask Triton to unload this model.
+
+        Its requests have already had their errors (Engine._fail_all) and every new one gets an
+        error, but Triton 2.51 never asks a Python model whether it is healthy: only unloading
+        turns `/v2/models/slora/ready` false. Under explicit model control (scripts/serve.sh)
+        the watchdog then loads it again; in the other modes the call fails, and the model stays
+        "ready" while it answers every request with an error.
+        """
+        if self._unload_requested or self._finalizing or self.engine.is_alive():
+            return
+        self._unload_requested = True
+        self.log.log_error(f"slora: the engine has stopped ({self.engine.failure}); "
+                           "asking Triton to unload the model")
+        # Off this thread: it must go on delivering the failed requests' error responses,
+        # which the unload waits for.
+        threading.Thread(target=self._unload_self, name="slora-unload", daemon=True).start()
+
+    def _unload_self(self) -> None:
+        try:
+            pb_utils.unload_model(self.model_name)
+            self.log.log_info("slora: unload requested")
+        except Exception as e:
+            self.log.log_warn(f"slora: could not unload the model ({e}); it stays not serving")
 
     def _drain(self) -> None:
         while True:
