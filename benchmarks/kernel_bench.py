@@ -533,12 +533,85 @@ def sweep(timer, bw, out: Path, quick: bool = False):
             print(f"attn B={b:<4} {r['t'] * 1e6:7.1f} us {r['cfg']}")
 
 
+def fused_fn(case: LoraCase, cfg):
+    """The fused one-launch kernel (kernels/lora_fused.py) through run_lora's dispatch."""
+    from kernels.lora import _group_table, run_lora
+
+    group = _group_table((0,), (0,), (HIDDEN,), case.x.device)
+    return lambda: run_lora(case.x, case.y, case.pool, case.batch, group, HIDDEN, cfg)
+
+
+# The fused kernel's shapes, each timed (and checked) against the default two-kernel path:
+# column ranges per row (0: pick_fused_splits), the K loop unrolled or not, K steps, the
+# column loop unrolled, warps.
+FUSED_GRID = (
+    [dict(fused_splits=s, shrink_unroll=u) for s, u in itertools.product((0, 1, 2, 4, 8),
+                                                                         (True, False))]
+    + [dict(fused_splits=s, fused_block_k=k, expand_unroll=eu, fused_warps=w)
+       for s, k, eu, w in itertools.product((0, 2), (256, 512), (False, True), (4, 8))])
+
+
 def variants(timer, bw, out: Path):
     """MBGMV shapes against the default: the fixed-count (unrolled) loops, wider column blocks
-    and K splits; each timed alone, the best pair timed together and checked against torch."""
+    and K splits; each timed alone, the best pair timed together and checked against torch.
+    Then the fused kernel (FUSED_GRID) on every case, and on the small-rank cases below alone
+    (rank 8 and 16, where it is meant to replace the two launches)."""
     cases = {"decode B=256 S2": ([1] * 256, [S2[i % 4] for i in range(256)]),
              "decode B=256 r8": ([1] * 256, [8] * 256),
              "decode B=64 S2": ([1] * 64, [S2[i % 4] for i in range(64)])}
+    fused_only = {"decode B=256 r16": ([1] * 256, [16] * 256),
+                  "decode B=64 r8": ([1] * 64, [8] * 64),
+                  "decode B=64 r16": ([1] * 64, [16] * 64),
+                  "decode B=16 r8": ([1] * 16, [8] * 16),
+                  "decode B=1 r8": ([1], [8]),
+                  "decode B=1 r16": ([1], [16])}
+
+    def write():  # after every case: a run cut short by its time limit keeps what it measured
+        (out / "kernel_variants.json").write_text(json.dumps(dict(
+            device=torch.cuda.get_device_name(), copy_bandwidth_Bps=bw,
+            date=time.strftime("%Y-%m-%d"), rows=rows), indent=1))
+
+    rows = two_kernel_variants(timer, bw, cases)
+    write()
+    for name, (seg_lens, ranks) in fused_only.items():
+        case = LoraCase(seg_lens, ranks)
+        _, _, default_both = case.parts(default_cfg(case))
+        t_default = timer(default_both)
+        rows.append(dict(case=name, default_s=t_default,
+                         default_bw_fraction=case.bytes / bw / t_default))
+        del case
+    for row in rows:
+        name = row["case"]
+        case = LoraCase(*{**cases, **fused_only}[name])
+        base = replace(default_cfg(case), fused=True)
+        timed = []
+        # Rank 64 (the S2 cases) is not what the kernel is for: the short grid only.
+        for kw in FUSED_GRID if case.batch.max_rank <= 16 else FUSED_GRID[:10]:
+            fn = fused_fn(case, replace(base, **kw))
+            try:
+                t = timer(fn)
+            except Exception as exc:  # noqa: BLE001 - a shape the compiler rejects
+                log.info("%s fused %s failed: %r", name, kw, exc)
+                continue
+            timed.append(dict(t=t, cfg=kw, rel_err=check_lora(case, fn)))
+        if not timed:
+            continue
+        best = min(timed, key=lambda r: r["t"])
+        floor = case.bytes / bw
+        row.update(fused=timed, fused_best_s=best["t"], fused_best_cfg=best["cfg"],
+                   fused_best_bw_fraction=floor / best["t"], fused_best_rel_err=best["rel_err"],
+                   fused_speedup_vs_default=row["default_s"] / best["t"])
+        log.info("%-18s fused best %.1f us (%.2f of floor, %.2fx the default %.1f us) err %.1e %s",
+                 name, best["t"] * 1e6, floor / best["t"], row["default_s"] / best["t"],
+                 row["default_s"] * 1e6, best["rel_err"], best["cfg"])
+        for r in sorted(timed, key=lambda r: r["t"])[:4]:
+            log.info("   fused  %7.1f us err %.1e %s", r["t"] * 1e6, r["rel_err"], r["cfg"])
+        del case
+        write()
+
+
+def two_kernel_variants(timer, bw, cases):
+    """The two-kernel (shrink + expand) variants of each case; a row per case."""
     expand = [{}] + [dict(expand_unroll=True, block_n=n, n_iters=i, expand_warps=w)
                      for n, i, w in itertools.product((256, 512), (2, 4), (2, 4))]
     shrink = [{}] + [dict(shrink_unroll=u, block_k=k, split_k=sp)
@@ -582,9 +655,7 @@ def variants(timer, bw, out: Path):
             for t, kw in sorted(timed[kind], key=lambda r: r[0])[:4]:
                 log.info("   %-6s %7.1f us %s", kind, t * 1e6, kw)
         del case
-    (out / "kernel_variants.json").write_text(json.dumps(dict(
-        device=torch.cuda.get_device_name(), copy_bandwidth_Bps=bw, date=time.strftime("%Y-%m-%d"),
-        rows=rows), indent=1))
+    return rows
 
 
 # -- main ---------------------------------------------------------------------------------

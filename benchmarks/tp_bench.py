@@ -285,9 +285,38 @@ def run_phase(args) -> int:
 
 
 # -- driver -------------------------------------------------------------------------------------------
+class PhaseRunner:
+    """Runs a script's phases one after another, each in its own process, within one time budget
+    (shared with benchmarks/tp_decode_step.py). A phase that crashes or hangs costs that phase only."""
+
+    def __init__(self, script: Path, argv: list[str], budget: float):
+        self.script, self.argv, self.budget = script, argv, budget
+        self.t0 = time.monotonic()
+
+    def left(self) -> float:
+        return self.budget - (time.monotonic() - self.t0)
+
+    def launch(self, name: str, extra: list[str], min_s: float) -> str:
+        """`script *argv *extra` in a child process, killed when the budget runs out; "ok",
+        "failed (rc)", or "skipped (budget)" when less than min_s is left."""
+        left = self.left()
+        if left < min_s:
+            log.info("skipping %s: %.0fs of the budget left", name, left)
+            return "skipped (budget)"
+        cmd = [sys.executable, str(self.script), *self.argv, *extra]
+        log.info("%s: starting (%.0fs of the budget left)", name, left)
+        start = time.monotonic()
+        try:
+            rc = subprocess.run(cmd, timeout=left, env=os.environ.copy()).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+        log.info("%s: %s after %.0fs", name, "ok" if rc == 0 else f"failed ({rc})", time.monotonic() - start)
+        return "ok" if rc == 0 else f"failed ({rc})"
+
+
 def drive(args, argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s driver %(message)s")
-    t0 = time.monotonic()
+    runner = PhaseRunner(Path(__file__).resolve(), argv, args.budget)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     phases = [p.strip() for p in args.phases.split(",") if p.strip()]
@@ -295,22 +324,10 @@ def drive(args, argv: list[str]) -> int:
     no_graphs = args.no_graphs
 
     def launch(phase: str, suffix: str = "", eager: bool = False) -> str:
-        left = args.budget - (time.monotonic() - t0)
-        if left < MIN_PHASE_S[phase] * args.min_phase_scale:
-            log.info("skipping %s: %.0fs of the budget left", phase, left)
-            return "skipped (budget)"
-        cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--phase", phase, "--suffix", suffix]
-        if eager and "--no-graphs" not in cmd:
-            cmd.append("--no-graphs")
-        log.info("phase %s%s: starting (%.0fs of the budget left)", phase, suffix, left)
-        start = time.monotonic()
-        try:
-            rc = subprocess.run(cmd, timeout=left, env=os.environ.copy()).returncode
-        except subprocess.TimeoutExpired:
-            rc = "timeout"
-        log.info("phase %s%s: %s after %.0fs", phase, suffix, "ok" if rc == 0 else f"failed ({rc})",
-                 time.monotonic() - start)
-        return "ok" if rc == 0 else f"failed ({rc})"
+        extra = ["--phase", phase, "--suffix", suffix]
+        if eager and "--no-graphs" not in argv:
+            extra.append("--no-graphs")
+        return runner.launch(f"phase {phase}{suffix}", extra, MIN_PHASE_S[phase] * args.min_phase_scale)
 
     for phase in phases:
         eager = no_graphs and phase != "tp1"
@@ -320,7 +337,7 @@ def drive(args, argv: list[str]) -> int:
             status["tp_eager"] = launch("tp", suffix="_eager", eager=True)
             no_graphs = status["tp_eager"] == "ok"  # then the skip phase runs eagerly too, comparably
     summary = summarize_results(out, status, args)
-    summary["wall_s"] = time.monotonic() - t0
+    summary["wall_s"] = time.monotonic() - runner.t0
     (out / "tp_bench.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps({k: v for k, v in summary.items() if k != "phases"}, indent=1))
     return 0 if all(v == "ok" for v in status.values()) else 1

@@ -1,4 +1,5 @@
-"""Multi-adapter LoRA for one projection group: shrink + expand, two launches in all."""
+"""Multi-adapter LoRA for one projection group: shrink + expand, two launches in all (or, for
+small ranks at decode when LoraLaunchConfig.fused is set, one fused launch: lora_fused.py)."""
 
 import functools
 import json
@@ -10,6 +11,7 @@ import torch
 import triton
 
 from .lora_expand import lora_expand
+from .lora_fused import lora_fused
 from .lora_shrink import lora_shrink
 
 # Segments this short are decode-like: per-row broadcast-multiply (MBGMV) beats padding
@@ -35,7 +37,15 @@ class LoraLaunchConfig:
     expand_stages: int = 0
     expand_block_m: int = 0  # MBGMM expand rows per program (0: block_m)
     shrink_unroll: bool = False  # MBGMV shrink: a split's K blocks as a fixed-count loop
-    expand_unroll: bool = False  # MBGMV expand: column blocks as a fixed-count loop
+    expand_unroll: bool = False  # MBGMV expand (and fused): column blocks as a fixed-count loop
+    # Fused MBGMV kernel (lora_fused.py): one launch per LoRA point, no tmp. pick_config keeps
+    # it off; it runs only when set and the step's rank bucket is <= fused_max_rank.
+    fused: bool = False
+    fused_max_rank: int = 16
+    fused_splits: int = 0   # column ranges per (row, module); 0: pick_fused_splits
+    fused_block_k: int = 0  # shrink columns per step; 0: a 4096-element tile (lora_fused.py)
+    fused_warps: int = 4
+    fused_stages: int = 0   # 0: Triton's default
 
     def with_split_k(self, in_width: int, split_k: int) -> "LoraLaunchConfig":
         k_blocks = triton.cdiv(in_width, self.block_k)
@@ -88,8 +98,18 @@ def pick_config(max_seg_len: int, max_rank: int, page_width: int, in_width: int,
             block_r_expand=block_r_expand,
             block_n=_page_block(page_width, min(256, max(32, 16384 // block_r_expand))),
             n_iters=2, use_dot=False, ieee=ieee, shrink_warps=4, expand_warps=2,
-            shrink_stages=4, expand_stages=4)
-        return _tuned(cfg, "gmv").with_split_k(in_width, 1)
+            shrink_stages=4, expand_stages=4,
+            # The fused kernel stays OFF until a GPU measurement decides (kernel_bench.py
+            # --variants: fused vs this default at B=256 r8/r16 and smaller batches; it was
+            # written in a session without GPU time). Force it with $SLORA_LORA_TUNING
+            # {"gmv": {"fused": true}}.
+            fused=False)
+        cfg = _tuned(cfg, "gmv")
+        if cfg.fused and max_rank > cfg.fused_max_rank:
+            # Larger ranks are bandwidth-bound; the fused kernel's A re-reads and its
+            # (rank, BLOCK_K) product tile only pay off for small ones.
+            cfg = replace(cfg, fused=False)
+        return cfg.with_split_k(in_width, 1)
     # 16 x 256 tokens, S2: shrink 32 us, expand 44 us with 16 column blocks per program
     # (4: 49 us), both 83 us.
     block_m = min(max(triton.next_power_of_2(max_seg_len), 16), 64)
@@ -167,8 +187,25 @@ def step_config(batch, n_mod: int, page_width: int, in_width: int, dtype, device
     return cfg.with_split_k(in_width, split_k)
 
 
+def pick_fused_splits(batch, n_mod: int, max_width: int, device) -> int:
+    """Column ranges per (row, module) for the fused kernel: the fewest (a power of two)
+    that give about 2 programs per SM, ranges of >= 512 columns. Each range re-reads A and x
+    (lora_fused.py: bytes against parallelism); a guess until kernel_bench.py --variants has
+    timed 1/2/4/8 on a GPU."""
+    if device.type != "cuda":
+        return 1
+    programs = batch.seg_adapter.shape[0] * batch.max_seg_len * n_mod
+    target = 2 * _sm_count(device.index if device.index is not None else 0)
+    split = triton.next_power_of_2(triton.cdiv(target, programs))
+    return max(1, min(split, max_width // 512))
+
+
 def run_lora(x, y, pool_layer, batch, group, max_width, cfg):
-    """The two launches with an explicit configuration (tests force paths and splits)."""
+    """The launches with an explicit configuration (tests force paths and splits): the
+    fused kernel when cfg.fused and the step is on the MBGMV path, else shrink + expand."""
+    if cfg.fused and not cfg.use_dot and cfg.block_m == 1:
+        splits = cfg.fused_splits or pick_fused_splits(batch, group.shape[0], max_width, x.device)
+        return lora_fused(x, y, pool_layer, batch, group, max_width, cfg, splits)
     tmp = torch.empty((cfg.split_k, x.shape[0], group.shape[0], batch.max_rank),
                       dtype=torch.float32, device=x.device)
     lora_shrink(x, tmp, pool_layer, batch, group, cfg)

@@ -6,6 +6,16 @@ from torch import Tensor
 
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
+# Bit m of LoraBatch.modules = module m targeted by some adapter of the step. The model skips
+# a LoRA point no adapter targets: half the launches (and, under tensor parallelism, half the
+# collectives) of a step whose adapters are q,k,v,o only, as in S-LoRA's workloads.
+ALL_MODULES = (1 << len(MODULES)) - 1
+ATTENTION_MODULES = 0b0001111  # q, k, v, o
+
+
+def module_bits(module_ids) -> int:
+    return sum(1 << m for m in module_ids)
+
 
 @dataclass
 class LoraBatch:
@@ -18,3 +28,4 @@ class LoraBatch:
     page_ids: Tensor     # (total,) int32
     max_rank: int        # largest rank in the step (host int)
     max_seg_len: int     # longest segment (host int): 1 in a pure decode step
+    modules: int = ALL_MODULES  # host bitmask: modules some adapter of the step targets

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from kernels.lora_batch import LoraBatch
+from kernels.lora_batch import LoraBatch, module_bits
 
 from .adapters import AdapterError, AdapterInfo, HostAdapter, load_adapter, resolve_adapter_dir
 from .checkpoint import ModelSpec
@@ -63,6 +63,7 @@ class LoraTables:
     page_id_parts: list[torch.Tensor] = field(default_factory=list)  # each adapter's (n_pages,) ids
     total_pages: int = 0
     max_rank: int = 0
+    modules: int = 0  # bitmask of the modules some adapter targets (LoraBatch.modules)
 
 
 def adapter_columns(host: HostAdapter) -> tuple[np.ndarray, np.ndarray]:
@@ -368,10 +369,12 @@ class AdapterCache:
             scales = np.stack([res.table[1] for res in residents], axis=1)  # (7, A)
         else:
             ints, scales = np.zeros((3, 7, 0), np.int32), np.zeros((7, 0), np.float32)
+        targeted = (ints[0] > 0).any(axis=1)  # (7,): some adapter has this module
         return LoraTables(names=names, seg_adapter=[slot[n] if n is not None else -1 for n in seg_names],
                           ints=ints, scales=scales, page_id_parts=[res.page_ids for res in residents],
                           total_pages=int(n_pages.sum()),
-                          max_rank=max((res.host.rank for res in residents), default=0))
+                          max_rank=max((res.host.rank for res in residents), default=0),
+                          modules=module_bits(np.flatnonzero(targeted).tolist()))
 
     def build_lora_batch(self, seg_starts: list[int], seg_names: list[str | None],
                          max_seg_len: int) -> LoraBatch:
@@ -390,6 +393,7 @@ class AdapterCache:
             page_ids=page_ids,
             max_rank=t.max_rank,
             max_seg_len=max_seg_len,
+            modules=t.modules,
         )
 
     def stats(self) -> AdapterCacheStats:

@@ -22,7 +22,7 @@ import time
 import numpy as np
 import torch
 
-from kernels.lora_batch import LoraBatch
+from kernels.lora_batch import ALL_MODULES, ATTENTION_MODULES, LoraBatch
 
 from .adapter_cache import AdapterCache
 from .model_runner import ModelRunner, StepInputs
@@ -79,12 +79,13 @@ class DecodeGraphs:
                 return b
         return None
 
-    def _inputs(self, b: int, rank: int) -> StepInputs:
+    def _inputs(self, b: int, rank: int, modules: int = 0) -> StepInputs:
         lora = None
         if rank:
             lora = LoraBatch(seg_starts=self.seg_starts[: b + 1], seg_adapter=self.seg_adapter[:b],
                              ranks=self.lora_ints[0], scales=self.scales, a_starts=self.lora_ints[1],
-                             b_starts=self.lora_ints[2], page_ids=self.page_ids, max_rank=rank, max_seg_len=1)
+                             b_starts=self.lora_ints[2], page_ids=self.page_ids, max_rank=rank, max_seg_len=1,
+                             modules=modules)
         return StepInputs(prefill=False, input_ids=self.input_ids[:b], positions=self.positions[:b],
                           k_pages=self.k_pages[:b], v_pages=self.v_pages[:b], last_rows=self.last_rows[:b],
                           seq_bounds=[], kv_table=self.kv_table[:b], seq_lens=self.seq_lens[:b], lora=lora)
@@ -94,8 +95,8 @@ class DecodeGraphs:
         self.mempool = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream()
         for b in reversed(self.sizes):  # largest first: later graphs reuse its memory
-            for rank in [0, *self.ranks]:
-                inputs = self._inputs(b, rank)
+            for rank, modules in self.variants():
+                inputs = self._inputs(b, rank, modules)
                 side.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(side):
                     for _ in range(2):  # compile kernels, settle the allocator (and NCCL) outside capture
@@ -104,10 +105,21 @@ class DecodeGraphs:
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=self.mempool):
                     logits = self._model(inputs)
-                self.graphs[(b, rank)] = (graph, logits)
+                self.graphs[(b, rank, modules)] = (graph, logits)
         torch.cuda.synchronize()
         log.info("%s: captured %d decode CUDA graphs (batch buckets up to %d, rank buckets %s) in %.1fs",
                  type(self).__name__, len(self.graphs), self.sizes[-1], self.ranks, time.monotonic() - t0)
+
+    def variants(self) -> list[tuple[int, int]]:
+        """(rank bucket, LoRA modules) of the graphs of each batch bucket: no LoRA, then per rank
+        bucket a graph with the attention LoRA points only (adapters on q,k,v,o, as in S-LoRA's
+        workloads: half the LoRA launches) and one with all seven."""
+        return [(0, 0)] + [(r, m) for r in self.ranks for m in (ATTENTION_MODULES, ALL_MODULES)]
+
+    @staticmethod
+    def modules_class(modules: int) -> int:
+        """The graph variant serving a step whose adapters target `modules`."""
+        return ATTENTION_MODULES if modules & ~ATTENTION_MODULES == 0 else ALL_MODULES
 
     def _model(self, inputs: StepInputs) -> torch.Tensor | None:
         """What a graph captures: the whole forward (tensor parallelism replaces it)."""
@@ -117,8 +129,9 @@ class DecodeGraphs:
         """Logits (B, vocab) of a decode step, by graph replay."""
         return self.replay(*self.stage(step, adapters))
 
-    def stage(self, step: ScheduledStep, adapters: AdapterCache) -> tuple[int, int, int]:
-        """Copy the step's inputs into the static buffers; returns (rows, bucket, rank bucket).
+    def stage(self, step: ScheduledStep, adapters: AdapterCache) -> tuple[int, int, int, int]:
+        """Copy the step's inputs into the static buffers; returns (rows, bucket, rank bucket,
+        LoRA modules class): the arguments of replay.
 
         Host work only, plus async copies: every per-request list is already a numpy row
         (PageList), so this is a few vector operations and one memcpy per request.
@@ -148,10 +161,11 @@ class DecodeGraphs:
             self.h_table[:n, : 2 * max_len], non_blocking=True)
         if n < b:  # padding rows: one scratch token each
             self.kv_table[n:b, 0, 0], self.kv_table[n:b, 0, 1] = self.scratch_k, self.scratch_v
-        rank = 0
+        rank = modules = 0
         if any(r.adapter is not None for r in reqs):
             tables = adapters.lora_tables([r.adapter for r in reqs])
             rank = next(r for r in self.ranks if r >= tables.max_rank)
+            modules = self.modules_class(tables.modules)
             a = len(tables.names)
             seg = self.h_seg_adapter.numpy()
             seg[:b] = -1
@@ -163,12 +177,12 @@ class DecodeGraphs:
             self.lora_ints.copy_(self.h_lora_ints, non_blocking=True)
             self.scales.copy_(self.h_scales, non_blocking=True)
             torch.cat(tables.page_id_parts, out=self.page_ids[: tables.total_pages])
-        return n, b, rank
+        return n, b, rank, modules
 
-    def replay(self, n: int, b: int, rank: int) -> torch.Tensor:
-        captured = self.graphs.get((b, rank))
+    def replay(self, n: int, b: int, rank: int, modules: int = 0) -> torch.Tensor | None:
+        captured = self.graphs.get((b, rank, modules))
         if captured is None:  # not captured (CPU tests): run the same static inputs eagerly
-            logits = self._model(self._inputs(b, rank))
+            logits = self._model(self._inputs(b, rank, modules))
         else:
             graph, logits = captured
             graph.replay()

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kernels.lora_batch import LoraBatch
+from kernels.lora_batch import LoraBatch, module_bits
 
 from .adapter_cache import AdapterCache
 from .checkpoint import BaseWeights, ModelSpec
@@ -141,6 +141,10 @@ class ModelRunner:
         # Tensor parallel: shards of each projection, sharded LoRA (tensor_parallel.py), and
         # an all-reduce completing o and down (base and LoRA alike).
         tp_lora = tp.lora_step(lora) if tp is not None and lora is not None else None
+        # LoRA points no adapter of the step targets are skipped (on every rank alike).
+        mods = 0 if lora is None else lora.modules
+        qkv_lora, o_lora = bool(mods & module_bits((0, 1, 2))), bool(mods & module_bits((3,)))
+        gate_up_lora, down_lora = bool(mods & module_bits((4, 5))), bool(mods & module_bits((6,)))
         T = inp.input_ids.shape[0]
         h = self.w.embed[inp.input_ids]
         cos = self.cos[inp.positions]  # (T, D) fp32
@@ -151,9 +155,9 @@ class ModelRunner:
         for layer, w in enumerate(layers):
             pool = self.pool[layer]
             qkv = F.linear(x, w.qkv)
-            if tp_lora is not None:
+            if qkv_lora and tp_lora is not None:
                 tp.lora_column(x, qkv, pool, tp_lora, (0, 1, 2), self.qkv_offsets)
-            elif lora is not None:
+            elif qkv_lora:
                 ops.lora_apply(x, qkv, pool, lora, (0, 1, 2), self.qkv_offsets)
             # q and k rotated in place in qkv; k and v written to their pages.
             ops.rope_write_kv(qkv, cos, sin, pool, inp.k_pages, inp.v_pages,
@@ -167,23 +171,23 @@ class ModelRunner:
                 attn = ops.paged_decode_attention(q, pool, inp.kv_table, inp.seq_lens, self.sm_scale)
             attn = attn.reshape(T, qw)
             o = F.linear(attn, w.o)
-            if tp_lora is not None:
+            if o_lora and tp_lora is not None:
                 tp.lora_row(attn, o, pool, tp_lora, 3)
-            elif lora is not None:
+            elif o_lora:
                 ops.lora_apply(attn, o, pool, lora, (3,), (0,))
             if tp is not None:
                 tp.all_reduce(o)
             x = ops.add_rms_norm(h, o, w.post_norm, eps)  # h += o
             gate_up = F.linear(x, w.gate_up)
-            if tp_lora is not None:
+            if gate_up_lora and tp_lora is not None:
                 tp.lora_column(x, gate_up, pool, tp_lora, (4, 5), self.gate_up_offsets)
-            elif lora is not None:
+            elif gate_up_lora:
                 ops.lora_apply(x, gate_up, pool, lora, (4, 5), self.gate_up_offsets)
             act = ops.silu_mul(gate_up)
             down = F.linear(act, w.down)
-            if tp_lora is not None:
+            if down_lora and tp_lora is not None:
                 tp.lora_row(act, down, pool, tp_lora, 6)
-            elif lora is not None:
+            elif down_lora:
                 ops.lora_apply(act, down, pool, lora, (6,), (0,))
             if tp is not None:
                 tp.all_reduce(down)

@@ -263,7 +263,7 @@ def pack_step(inp) -> tuple[tuple, torch.Tensor]:
     lora_meta = None
     if lora is not None:
         lora_meta = (lora.seg_adapter.shape[0], lora.ranks.shape[1], lora.page_ids.shape[0], lora.max_rank,
-                     lora.max_seg_len)
+                     lora.max_seg_len, lora.modules)
         parts += [lora.seg_starts, lora.seg_adapter, lora.ranks, lora.a_starts, lora.b_starts,
                   lora.scales.contiguous().view(torch.int32), lora.page_ids]
     payload = torch.cat([p.reshape(-1).to(torch.int32) for p in parts])
@@ -306,12 +306,12 @@ def unpack_step(header: tuple, payload: torch.Tensor):
         seq_lens = next(chunks)
     lora = None
     if lora_meta is not None:
-        n_seg, n_adapters, _, max_rank, max_seg_len = lora_meta
+        n_seg, n_adapters, _, max_rank, max_seg_len, modules = lora_meta
         seg_starts, seg_adapter = next(chunks), next(chunks)
         ranks, a_starts, b_starts, scales = (next(chunks).view(7, n_adapters) for _ in range(4))
         lora = LoraBatch(seg_starts=seg_starts, seg_adapter=seg_adapter, ranks=ranks, scales=scales.view(torch.float32),
                          a_starts=a_starts, b_starts=b_starts, page_ids=next(chunks), max_rank=max_rank,
-                         max_seg_len=max_seg_len)
+                         max_seg_len=max_seg_len, modules=modules)
     return StepInputs(prefill=prefill, input_ids=ids, positions=positions, k_pages=k_pages, v_pages=v_pages,
                       last_rows=last_rows, seq_bounds=bounds if prefill else list(range(batch + 1)),
                       kv_table=kv_table, seq_lens=seq_lens, lora=lora)

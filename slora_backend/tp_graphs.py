@@ -62,10 +62,11 @@ class TPDecodeGraphs(DecodeGraphs):
             self.v_pages[n:b] = self.scratch_v
             self.seq_lens[n:b] = 1
             self.kv_table[n:b, 0, 0], self.kv_table[n:b, 0, 1] = self.scratch_k, self.scratch_v
-        rank = 0
+        rank = modules = 0
         lora = inp.lora
         if lora is not None:
             rank = next(r for r in self.ranks if r >= lora.max_rank)
+            modules = self.modules_class(lora.modules)
             a = lora.ranks.shape[1]
             lengths = lora.seg_starts[1:] - lora.seg_starts[:-1]
             self.seg_adapter[:n] = torch.repeat_interleave(lora.seg_adapter, lengths, output_size=n)
@@ -76,4 +77,4 @@ class TPDecodeGraphs(DecodeGraphs):
             self.lora_ints[2, :, :a].copy_(lora.b_starts)
             self.scales[:, :a].copy_(lora.scales)
             self.page_ids[: lora.page_ids.shape[0]].copy_(lora.page_ids)
-        return self.replay(n, b, rank)
+        return self.replay(n, b, rank, modules)

@@ -12,6 +12,7 @@ import pytest
 from engine_utils import greedy, run_batch, tokens_of
 from tiny_model import PARITY_ADAPTERS, build_adapter, build_tiny_model, hf_peft_greedy
 
+from kernels.lora_batch import ATTENTION_MODULES
 from slora_backend.config import EngineConfig
 from slora_backend.cuda_graphs import DecodeGraphs
 from slora_backend.engine import Engine
@@ -72,6 +73,34 @@ def test_static_decode_buffers_match_hf_peft(setup, backend):
         for i, outs in enumerate(run_batch(engine, jobs)):
             assert tokens_of(outs) == refs[i], f"request {i} adapter {names[i]}"
         assert engine.graphs.bucket(7) == 8 and engine.graphs.bucket(9) == 12 and engine.graphs.bucket(13) is None
+    finally:
+        engine.shutdown()
+
+
+def test_attention_only_steps_take_the_graph_without_mlp_lora(setup):
+    """Adapters on attention modules only (S-LoRA's q,k,v,o): decode steps take the graph
+    variant without the MLP LoRA points (half the launches), and the tokens stay HF+PEFT's."""
+    model, adapters, prompts, names, refs = setup
+    engine = Engine(EngineConfig(model_dir=str(model), adapter_dir=str(adapters), kernel_backend="torch",
+                                 pool_pages=3000, max_batch_size=12, max_rank=64))
+    try:
+        scratch = engine.pool.alloc(2, PageUse.KV)
+        graphs = engine.graphs = DecodeGraphs(engine.runner, 12, 64, tuple(scratch), engine.pool.num_pages)
+        seen = []
+        stage = graphs.stage
+
+        def recording_stage(step, cache):
+            staged = stage(step, cache)
+            seen.append(staged[3])  # the LoRA modules class of the graph replayed
+            return staged
+
+        graphs.stage = recording_stage
+        picked = [i for i, n in enumerate(names) if n is None or ADAPTERS[n]["targets"][-1] in ("v_proj", "o_proj")]
+        assert len(picked) == 5  # base x2, r1-qv, r5-ko, r64-attn
+        jobs = [dict(prompt_ids=prompts[i], adapter=names[i], params=greedy(NEW_TOKENS)) for i in picked]
+        for i, outs in zip(picked, run_batch(engine, jobs), strict=True):
+            assert tokens_of(outs) == refs[i], f"request {i} adapter {names[i]}"
+        assert seen and set(seen) == {ATTENTION_MODULES}
     finally:
         engine.shutdown()
 

@@ -10,10 +10,13 @@ import triton
 from kernels import LoraBatch, get_ops
 from kernels.lora import (  # conftest.py has chosen the interpreter on CPU
     GMV_MAX_SEG_LEN,
+    TUNED,
     _group_table,
     pick_config,
     run_lora,
+    step_config,
 )
+from kernels.lora_fused import lora_fused
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TRITON = get_ops("triton")
@@ -131,7 +134,41 @@ def unrolled_lora(x, y, pool, batch, module_ids, offsets):
     run_lora(x, y, pool, batch, _group_table(module_ids, offsets, widths, x.device), max(widths), cfg)
 
 
-def check(case_kwargs, seed, atol, rtol):
+def fused_lora(splits, unroll):
+    """The fused MBGMV kernel forced on, at any rank, through run_lora's dispatch
+    (prefill-shaped steps fall back to the two kernels there): `splits` column ranges per
+    (row, module), the K and column loops unrolled or not."""
+
+    def apply(x, y, pool, batch, module_ids, offsets):
+        widths = [b - a for a, b in zip(offsets, (*offsets[1:], y.shape[1]), strict=True)]
+        cfg = pick_config(batch.max_seg_len, batch.max_rank, pool.shape[1], x.shape[1], x.dtype)
+        cfg = replace(cfg, fused=True, fused_splits=splits, shrink_unroll=unroll,
+                      expand_unroll=unroll)
+        run_lora(x, y, pool, batch, _group_table(module_ids, offsets, widths, x.device),
+                 max(widths), cfg)
+
+    return apply
+
+
+def direct_fused(splits, unroll, block_k=0):
+    """lora_fused called directly (no dispatch, so no fallback can pass the test)."""
+
+    def apply(x, y, pool, batch, module_ids, offsets):
+        widths = [b - a for a, b in zip(offsets, (*offsets[1:], y.shape[1]), strict=True)]
+        cfg = pick_config(batch.max_seg_len, batch.max_rank, pool.shape[1], x.shape[1], x.dtype)
+        assert not cfg.use_dot
+        cfg = replace(cfg, shrink_unroll=unroll, expand_unroll=unroll, fused_block_k=block_k)
+        lora_fused(x, y, pool, batch, _group_table(module_ids, offsets, widths, x.device),
+                   max(widths), cfg, splits)
+
+    return apply
+
+
+DEFAULT_APPLIERS = (TRITON.lora_apply, split_k_lora(3), unrolled_lora, fused_lora(1, False),
+                    fused_lora(3, True), TORCH.lora_apply)
+
+
+def check(case_kwargs, seed, atol, rtol, appliers=DEFAULT_APPLIERS):
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     x, y0, pool, batch, weights = make_case(rng, **case_kwargs)
@@ -143,7 +180,7 @@ def check(case_kwargs, seed, atol, rtol):
     for s, a in enumerate(batch.seg_adapter.tolist()):
         if a < 0:
             base_rows[starts[s] : starts[s + 1]] = True
-    for lora_apply in (TRITON.lora_apply, split_k_lora(3), unrolled_lora, TORCH.lora_apply):
+    for lora_apply in appliers:
         # y as a column slice of a wider buffer: row stride != width must be honoured.
         wide = torch.zeros(y0.shape[0], y0.shape[1] + 7, dtype=y0.dtype, device=DEVICE)
         y = wide[:, : y0.shape[1]]
@@ -260,3 +297,45 @@ def test_no_lora_rows_is_noop():
         y = y0.clone()
         ops.lora_apply(x, y, pool, batch, (0,), (0,))
         assert torch.equal(y, y0)
+
+
+@pytest.mark.parametrize("page_width", [32, 24])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_fused_small_ranks(dtype, page_width):
+    # Ranks 1, odd and up to the bucket of 16; rank-0 modules; base rows; segments up to the
+    # MBGMV limit; q wide and k/v GQA-narrow (v not a page multiple), K ending mid-page at
+    # P = 32, and P = 24 (per-element page lookup). Column ranges 1, 4 (narrow modules get
+    # fewer) and 3 with K steps of 16.
+    case = dict(
+        page_width=page_width, in_width=72, dtype=dtype,
+        module_ids=(0, 1, 2), out_widths=(96, 32, 20),
+        ranks={0: [1, 1, 1], 1: [3, 0, 5], 2: [7, 13, 0], 3: [0, 0, 16], 4: [16, 9, 2]},
+        segments=[(1, 0), (1, -1), (3, 1), (1, 2), (GMV_MAX_SEG_LEN, -1), (2, 3), (1, 4), (1, 2)],
+    )
+    tol = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=5e-2, rtol=1e-2),
+           torch.bfloat16: dict(atol=2e-2, rtol=1e-2)}[dtype]
+    check(case, seed=7, appliers=(direct_fused(1, False), direct_fused(4, True),
+                                  direct_fused(3, False, block_k=16)), **tol)
+
+
+def test_fused_dispatch(monkeypatch):
+    # Off by default (a GPU measurement decides); when switched on through the tuning table,
+    # only for rank buckets <= fused_max_rank and only on the MBGMV path.
+    assert not pick_config(1, 8, 4096, 4096, torch.bfloat16).fused
+    monkeypatch.setitem(TUNED["gmv"], "fused", True)
+    assert pick_config(1, 8, 4096, 4096, torch.bfloat16).fused
+    assert pick_config(GMV_MAX_SEG_LEN, 16, 4096, 4096, torch.bfloat16).fused
+    assert not pick_config(1, 32, 4096, 4096, torch.bfloat16).fused
+    assert not pick_config(GMV_MAX_SEG_LEN + 1, 8, 4096, 4096, torch.bfloat16).fused
+    monkeypatch.setitem(TUNED["gmv"], "fused_max_rank", 64)
+    assert pick_config(1, 64, 4096, 4096, torch.bfloat16).fused
+    # Through lora_apply with the table switched on: a decode step with ranks <= 16.
+    rng = np.random.default_rng(8)
+    case = dict(page_width=32, in_width=64, dtype=torch.float32, module_ids=(3,), out_widths=(48,),
+                ranks={0: [5], 1: [16]}, segments=[(1, 0), (1, -1), (2, 1), (1, 0)])
+    x, y0, pool, batch, weights = make_case(rng, **case)
+    assert step_config(batch, 1, 32, 64, x.dtype, x.device).fused  # what lora_apply runs
+    y = y0.clone()
+    TRITON.lora_apply(x, y, pool, batch, (3,), (0,))
+    torch.testing.assert_close(y.double().cpu(), reference(x, y0, batch, weights, (3,), (48,)),
+                               atol=1e-4, rtol=1e-4)
