@@ -34,12 +34,13 @@ log = logging.getLogger("gpu_parity")
 ADAPTERS = PARITY_ADAPTERS
 
 
-def build_model(out: Path) -> Path:
+def build_model(out: Path, kv_heads: int = 2) -> Path:
+    """A random GQA Llama (hidden 512, 8 heads) saved as a checkpoint with a tokenizer."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = build_tokenizer(out)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
-                      num_attention_heads=8, num_key_value_heads=2, head_dim=64, max_position_embeddings=512,
+                      num_attention_heads=8, num_key_value_heads=kv_heads, head_dim=64, max_position_embeddings=512,
                       rms_norm_eps=1e-5, initializer_range=0.05, tie_word_embeddings=False)
     torch.manual_seed(0)
     LlamaForCausalLM(cfg).eval().save_pretrained(str(out), safe_serialization=True)

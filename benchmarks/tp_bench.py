@@ -88,17 +88,10 @@ def device_info() -> dict:
 
 # -- parity ------------------------------------------------------------------------------------
 def build_parity_model(out: Path) -> Path:
-    import torch
-    from tiny_model import build_tokenizer
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """gpu_parity.py's model with 4 KV heads, so that TP=2 (and 4) divides them."""
+    from gpu_parity import build_model
 
-    tok = build_tokenizer(out)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
-                      num_attention_heads=8, num_key_value_heads=4, head_dim=64, max_position_embeddings=512,
-                      rms_norm_eps=1e-5, initializer_range=0.05, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).eval().save_pretrained(str(out), safe_serialization=True)
-    return out
+    return build_model(out, kv_heads=4)
 
 
 def run_recorded(config, jobs) -> tuple[list[list[int]], list]:
