@@ -91,7 +91,8 @@ def test_attention_only_steps_take_the_graph_without_mlp_lora(setup):
 
         def recording_stage(step, cache):
             staged = stage(step, cache)
-            seen.append(staged[3])  # the LoRA modules class of the graph replayed
+            # (any adapter row in the step, LoRA modules class of the graph replayed)
+            seen.append((any(r.adapter is not None for r in step.requests), staged[3]))
             return staged
 
         graphs.stage = recording_stage
@@ -100,7 +101,9 @@ def test_attention_only_steps_take_the_graph_without_mlp_lora(setup):
         jobs = [dict(prompt_ids=prompts[i], adapter=names[i], params=greedy(NEW_TOKENS)) for i in picked]
         for i, outs in zip(picked, run_batch(engine, jobs), strict=True):
             assert tokens_of(outs) == refs[i], f"request {i} adapter {names[i]}"
-        assert seen and set(seen) == {ATTENTION_MODULES}
+        # Steps holding only base rows (possible while adapters load) take the no-LoRA graph.
+        assert (True, ATTENTION_MODULES) in seen
+        assert set(seen) <= {(True, ATTENTION_MODULES), (False, 0)}
     finally:
         engine.shutdown()
 
