@@ -4,7 +4,8 @@
 
 A random GQA Llama and five PEFT adapters (ranks 1..64, one rsLoRA, mixed target sets) are
 built on disk; one batch mixing all adapters and base requests runs greedily through the
-engine while every step's logits are recorded. HF+PEFT then computes teacher-forced logits on
+engine (half of it arriving while the first half decodes, so prefill steps carry decode rows)
+while every step's logits are recorded. HF+PEFT then computes teacher-forced logits on
 the same token sequences in fp32 and in the engine's dtype. Pass criterion per request: the
 engine's relative logit error against fp32 is at most twice HF's own error in that dtype
 (plus 1e-3), i.e. we lose no more precision than the reference implementation does.
@@ -73,24 +74,34 @@ def run_engine(model_dir, adapter_dir, dtype_name, jobs):
     engine.sampler.sample = recording_sample
     import queue
 
-    qs, ids = [], []
-    for job in jobs:
-        q = queue.SimpleQueue()
-        ids.append(engine.submit(on_output=q.put, **job))
-        qs.append(q)
-    tokens = []
-    for q in qs:
-        toks = []
-        while True:
-            o = q.get(timeout=600)
-            assert o.error is None, o.error
-            toks += o.token_ids
-            if o.finished:
-                break
-        tokens.append(toks)
-    steps = engine.steps
+    # Half the requests first; the rest once those are decoding, so that their prefills carry
+    # decode rows (mixed steps: both attention paths, LoRA over all rows) as in serving.
+    qs, ids, tokens, done = [], [], [], []
+
+    def take(k: int) -> None:  # one output of request k
+        o = qs[k].get(timeout=600)
+        assert o.error is None, o.error
+        tokens[k] += o.token_ids
+        done[k] = o.finished
+
+    half = len(jobs) // 2
+    for k, job in enumerate(jobs):
+        if k == half:
+            for j in range(half):
+                while len(tokens[j]) < 2 and not done[j]:
+                    take(j)
+        qs.append(queue.SimpleQueue())
+        ids.append(engine.submit(on_output=qs[-1].put, **job))
+        tokens.append([])
+        done.append(False)
+    for k in range(len(jobs)):
+        while not done[k]:
+            take(k)
+    stats = engine.stats()
     engine.shutdown()
-    return tokens, [torch.stack(recorded[i]) for i in ids], steps
+    counters = {"steps": stats["steps"], "mixed_steps": stats["mixed_steps"],
+                "kernel_compiles_while_serving": stats["kernel_compiles_while_serving"]}
+    return tokens, [torch.stack(recorded[i]) for i in ids], counters
 
 
 def main() -> int:
@@ -111,7 +122,7 @@ def main() -> int:
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": {}}
     ok = True
     for dtype_name, dtype in (("bfloat16", torch.bfloat16), ("float16", torch.float16)):
-        tokens, ours, steps = run_engine(model, root / "adapters", dtype_name, jobs)
+        tokens, ours, counters = run_engine(model, root / "adapters", dtype_name, jobs)
         rows = []
         for p, n, toks, our in zip(prompts, names, tokens, ours, strict=True):
             seq = p + toks[:-1]
@@ -129,7 +140,7 @@ def main() -> int:
                              top1_agree_ours=agree, top1_agree_hf=hf_agree, passed=passed))
             log.info("%s %-16s len=%3d ours_err=%.2e hf_err=%.2e top1 ours=%.2f hf=%.2f %s", dtype_name,
                      n, len(p), ours_err, hf_err, agree, hf_agree, "PASS" if passed else "FAIL")
-        report["results"][dtype_name] = {"steps": steps, "requests": rows}
+        report["results"][dtype_name] = {**counters, "requests": rows}
     report["passed"] = ok
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -34,6 +34,25 @@ log = logging.getLogger("slora_bench")
 SETTINGS = {"S1": (8,), "S2": (64, 32, 16, 8), "S4": (64, 32, 16)}
 
 
+def run_counters(before: dict, after: dict) -> dict:
+    """What the engine did during one run (Engine.stats before and after): loads, preemptions,
+    steps, where the time went by step kind, and Triton compiles that stalled serving."""
+    out = {"adapter_loads": after["adapters"]["loads"] - before["adapters"]["loads"],
+           "preemptions": after["requests"]["preemptions"] - before["requests"]["preemptions"],
+           "steps": after["steps"] - before["steps"],
+           "mixed_steps": after["mixed_steps"] - before["mixed_steps"],
+           "kernel_compiles": after["kernel_compiles_while_serving"] - before["kernel_compiles_while_serving"]}
+    for kind, now in after["step_time"].items():
+        was = before["step_time"][kind]
+        steps = now["steps"] - was["steps"]
+        seconds = now["seconds"] - was["seconds"]
+        out[f"{kind}_steps"] = steps
+        out[f"{kind}_seconds"] = round(seconds, 3)
+        out[f"{kind}_tokens_per_step"] = round((now["tokens"] - was["tokens"]) / steps, 1) if steps else 0
+        out[f"{kind}_ms_per_step"] = round(1e3 * seconds / steps, 2) if steps else 0
+    return out
+
+
 def register_adapters(engine: Engine, n: int, ranks: tuple[int, ...], targets: str) -> float:
     """Register n random adapters; returns host bytes / weight bytes over all of them."""
     t0 = time.monotonic()
@@ -107,12 +126,15 @@ def main() -> int:
     ap.add_argument("--pool-gb", type=float, default=0.0,
                     help="fix the pool size (GB) instead of filling the GPU: small pools reach "
                          "preemption quickly, which measures pool use at the first preemption")
+    ap.add_argument("--no-mix", action="store_true",
+                    help="separate prefill and decode steps (mix_decode_in_prefill=false): A/B of the mixing")
+    ap.add_argument("--suffix", default="", help="appended to the result file's name")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     ns = [int(x) for x in args.n.split(",")]
     config = EngineConfig(model_dir=args.model, max_model_len=2048, max_batch_size=512,
-                          max_prefill_tokens=8192)
+                          max_prefill_tokens=8192, mix_decode_in_prefill=not args.no_mix)
     if args.pool_gb > 0:
         spec = dummy_spec(args.model, config.max_model_len)
         config.pool_pages = int(args.pool_gb * 1e9) // (spec.layers * spec.page_width * 2)
@@ -135,9 +157,7 @@ def main() -> int:
         timings = replay(engine, trace, drop_adapters=(n == 0), deadline=args.duration * 4)
         report = summarize(timings).as_dict()
         after = engine.stats()
-        report["extra"] = {"adapter_loads": after["adapters"]["loads"] - before["adapters"]["loads"],
-                           "preemptions": after["requests"]["preemptions"] - before["requests"]["preemptions"],
-                           "steps": after["steps"] - before["steps"]}
+        report["extra"] = run_counters(before, after)
         results["runs"][label] = report
         log.info("%s: %.2f req/s, %.0f tok/s, avg latency %.2fs, first token avg %.2fs, SLO %.2f", label,
                  report["throughput_req_s"], report["throughput_tok_s"], report["latency_avg"],
@@ -149,7 +169,7 @@ def main() -> int:
     engine.shutdown()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"slora_{args.setting}_{args.targets}.json"
+    path = out / f"slora_{args.setting}_{args.targets}{args.suffix}.json"
     path.write_text(json.dumps(results, indent=2))
     print(json.dumps({k: results.get(k) for k in ("device", "over_base")}, indent=1))
     for label, r in results["runs"].items():

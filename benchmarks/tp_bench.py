@@ -200,7 +200,7 @@ def phase_parity(args) -> dict:
 def phase_workload(args, tp: int, skip: bool, runs: list[str]) -> dict:
     import torch
 
-    from benchmarks.slora_bench import replay
+    from benchmarks.slora_bench import replay, run_counters
     from client.workload import WorkloadSpec, make_trace, summarize
     from slora_backend.config import EngineConfig
     from slora_backend.engine import Engine
@@ -245,9 +245,7 @@ def phase_workload(args, tp: int, skip: bool, runs: list[str]) -> dict:
             timer.cancel()
             report = summarize(timings).as_dict()
             after = engine.stats()
-            report["extra"] = {"adapter_loads": after["adapters"]["loads"] - before["adapters"]["loads"],
-                               "preemptions": after["requests"]["preemptions"] - before["requests"]["preemptions"],
-                               "steps": after["steps"] - before["steps"]}
+            report["extra"] = run_counters(before, after)
             out["runs"][label] = report
             log.info("TP=%d %s: %.2f req/s, %.0f tok/s, latency %.2fs, first token %.2fs, SLO %.2f, errors %d",
                      tp, label, report["throughput_req_s"], report["throughput_tok_s"], report["latency_avg"],

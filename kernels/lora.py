@@ -10,9 +10,10 @@ from pathlib import Path
 import torch
 import triton
 
-from .lora_expand import lora_expand
+from .launch import KernelCall
+from .lora_expand import expand_call
 from .lora_fused import lora_fused
-from .lora_shrink import lora_shrink
+from .lora_shrink import shrink_call
 
 # Segments this short are decode-like: per-row broadcast-multiply (MBGMV) beats padding
 # them to the 16-row minimum of tl.dot (MBGMM).
@@ -111,8 +112,9 @@ def pick_config(max_seg_len: int, max_rank: int, page_width: int, in_width: int,
             cfg = replace(cfg, fused=False)
         return cfg.with_split_k(in_width, 1)
     # 16 x 256 tokens, S2: shrink 32 us, expand 44 us with 16 column blocks per program
-    # (4: 49 us), both 83 us.
-    block_m = min(max(triton.next_power_of_2(max_seg_len), 16), 64)
+    # (4: 49 us), both 83 us. Two row-block sizes only: every block shape is a variant the
+    # engine compiles before serving (warm-up), and LoRA's share of a prefill is small.
+    block_m = 16 if max_seg_len <= 16 else 64
     cfg = LoraLaunchConfig(
         block_m=block_m, block_r=min(max(16, rank_pow2), 64), block_k=_page_block(page_width, 128),
         block_r_expand=max(16, rank_pow2), block_n=_page_block(page_width, 64), n_iters=16,
@@ -180,11 +182,16 @@ def lora_apply(x, y, pool_layer, batch, module_ids, out_offsets):
 
 
 def step_config(batch, n_mod: int, page_width: int, in_width: int, dtype, device):
-    """The launch configuration lora_apply uses for this step (K split included)."""
-    cfg = pick_config(batch.max_seg_len, batch.max_rank, page_width, in_width, dtype)
-    path = "gmv" if batch.max_seg_len <= GMV_MAX_SEG_LEN else "gmm"
-    split_k = TUNED[path].get("split_k") or pick_split_k(cfg, batch, n_mod, in_width, device)
-    return cfg.with_split_k(in_width, split_k)
+    """The launch configuration lora_apply uses for this step (K split included); chosen once
+    per step and projection shape (LoraBatch.configs), not once per layer."""
+    key = (n_mod, page_width, in_width, dtype, device)
+    cfg = batch.configs.get(key)
+    if cfg is None:
+        cfg = pick_config(batch.max_seg_len, batch.max_rank, page_width, in_width, dtype)
+        path = "gmv" if batch.max_seg_len <= GMV_MAX_SEG_LEN else "gmm"
+        split_k = TUNED[path].get("split_k") or pick_split_k(cfg, batch, n_mod, in_width, device)
+        cfg = batch.configs[key] = cfg.with_split_k(in_width, split_k)
+    return cfg
 
 
 def pick_fused_splits(batch, n_mod: int, max_width: int, device) -> int:
@@ -206,8 +213,14 @@ def run_lora(x, y, pool_layer, batch, group, max_width, cfg):
     if cfg.fused and not cfg.use_dot and cfg.block_m == 1:
         splits = cfg.fused_splits or pick_fused_splits(batch, group.shape[0], max_width, x.device)
         return lora_fused(x, y, pool_layer, batch, group, max_width, cfg, splits)
+    for call in lora_calls(x, y, pool_layer, batch, group, max_width, cfg):
+        call.run()
+    return y
+
+
+def lora_calls(x, y, pool_layer, batch, group, max_width, cfg) -> list[KernelCall]:
+    """The two launches of the shrink + expand path (kernels/launch.py), tmp allocated."""
     tmp = torch.empty((cfg.split_k, x.shape[0], group.shape[0], batch.max_rank),
                       dtype=torch.float32, device=x.device)
-    lora_shrink(x, tmp, pool_layer, batch, group, cfg)
-    lora_expand(y, tmp, pool_layer, batch, group, max_width, cfg)
-    return y
+    return [shrink_call(x, tmp, pool_layer, batch, group, cfg),
+            expand_call(y, tmp, pool_layer, batch, group, max_width, cfg)]

@@ -1,6 +1,6 @@
 """Per-step LoRA metadata shared by the engine and the kernels (see docs/DESIGN.md)."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import Tensor
 
@@ -29,3 +29,6 @@ class LoraBatch:
     max_rank: int        # largest rank in the step (host int)
     max_seg_len: int     # longest segment (host int): 1 in a pure decode step
     modules: int = ALL_MODULES  # host bitmask: modules some adapter of the step targets
+    # Launch configurations already chosen for this step, by projection shape (kernels/lora.py:
+    # step_config): every layer asks the same question, and an eager step asks it ~64 times.
+    configs: dict = field(default_factory=dict, init=False, repr=False, compare=False)

@@ -9,9 +9,10 @@ column range block by block, so tmp is read once per range rather than once per 
 import triton
 import triton.language as tl
 
+from .launch import KernelCall, jit_options
 
-@triton.jit
-def _lora_expand_kernel(
+
+def _lora_expand(
     y_ptr, y_stride,          # (T, sum of out widths) model dtype, unit column stride
     tmp_ptr,                  # (SPLIT_K, T, NMOD, R_MAX) fp32 partial sums, contiguous
     pool_ptr,                 # (N, P) model dtype, contiguous rows
@@ -122,8 +123,22 @@ def _expand_block(y_ptr, y_stride, pool_ptr, page_ids_ptr, t, t_col, offs_m, m_m
     tl.store(y_ptrs, (y_old.to(tl.float32) + delta).to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
+# Two compiled forms of one kernel. Decode steps replay CUDA graphs whose ints are fixed per
+# graph: fully specialised (divisibility hints). Eager (prefill) steps change the adapter
+# count, rank and row blocks every step: those arguments stay unspecialised, so that the
+# variants compiled at start-up cover every step (kernels/launch.py).
+_lora_expand_kernel = triton.jit(_lora_expand)
+_lora_expand_step_kernel = triton.jit(_lora_expand, **jit_options(
+    "b_starts_ptr", "num_adapters", "R_MAX", "m_blocks", "split_k", "split_stride"))
+
+
 def lora_expand(y, tmp, pool_layer, batch, group, max_width, cfg):
     """Add the scaled LoRA delta of every module slot into its column slice of y."""
+    expand_call(y, tmp, pool_layer, batch, group, max_width, cfg).run()
+
+
+def expand_call(y, tmp, pool_layer, batch, group, max_width, cfg) -> KernelCall:
+    """The launch lora_expand makes (kernels/launch.py)."""
     num_seg = batch.seg_adapter.shape[0]
     split_k, n_rows, nmod, max_rank = tmp.shape
     page_width = pool_layer.shape[1]
@@ -143,11 +158,10 @@ def lora_expand(y, tmp, pool_layer, batch, group, max_width, cfg):
     launch = {"num_warps": cfg.expand_warps}
     if cfg.expand_stages:
         launch["num_stages"] = cfg.expand_stages
-    _lora_expand_kernel[grid](
-        *common, NMOD=nmod, P=page_width,
+    kernel = _lora_expand_step_kernel if cfg.use_dot else _lora_expand_kernel
+    return KernelCall(kernel, grid, common, dict(
+        NMOD=nmod, P=page_width,
         BLOCK_M=block_m, BLOCK_R=cfg.block_r_expand, BLOCK_N=cfg.block_n,
         ALIGNED=page_width % cfg.block_n == 0,
         USE_DOT=cfg.use_dot, IEEE=cfg.ieee, UNROLL=cfg.expand_unroll and not cfg.use_dot,
-        N_ITERS=cfg.n_iters, **launch,
-    )
-
+        N_ITERS=cfg.n_iters, **launch))

@@ -10,8 +10,15 @@ planes that the expand kernel adds up: deterministic, no atomics, no zero-fill.
 import triton
 import triton.language as tl
 
+from .launch import KernelCall, jit_options
 
-@triton.jit
+# Arguments that change from one eager (prefill) step to the next stay unspecialised, so that
+# the variants compiled at start-up cover every step (kernels/launch.py). The MBGMV kernel
+# runs in decode CUDA graphs, whose ints are fixed per graph: it keeps Triton's hints.
+_STEP_ARGS = jit_options("a_starts_ptr", "num_adapters", "R_MAX", "m_blocks", "r_blocks", "split_stride")
+
+
+@triton.jit(**_STEP_ARGS)
 def _lora_shrink_kernel(
     x_ptr, x_stride,          # (T, K) model dtype, unit column stride
     tmp_ptr,                  # (SPLIT_K, T, NMOD, R_MAX) fp32, contiguous
@@ -89,6 +96,11 @@ def lora_shrink(x, tmp, pool_layer, batch, group, cfg):
     expand kernel never reads them. `group` is the (NMOD, 3) int32 table from lora.py,
     `cfg` the block configuration chosen there.
     """
+    shrink_call(x, tmp, pool_layer, batch, group, cfg).run()
+
+
+def shrink_call(x, tmp, pool_layer, batch, group, cfg) -> KernelCall:
+    """The launch lora_shrink makes (kernels/launch.py)."""
     num_seg = batch.seg_adapter.shape[0]
     split_k, n_rows, nmod, max_rank = tmp.shape
     in_width = x.shape[1]
@@ -108,18 +120,15 @@ def lora_shrink(x, tmp, pool_layer, batch, group, cfg):
     if cfg.shrink_stages:
         launch["num_stages"] = cfg.shrink_stages
     if cfg.use_dot:
-        _lora_shrink_kernel[grid](
-            *common, NMOD=nmod, P=page_width,
-            BLOCK_M=cfg.block_m, BLOCK_R=cfg.block_r, BLOCK_K=cfg.block_k,
-            ALIGNED=page_width % cfg.block_k == 0, IEEE=cfg.ieee, **launch)
-    else:
-        aligned = page_width % cfg.block_k == 0 and cfg.k_per_split % cfg.block_k == 0
-        # Unrolling needs every split to lie inside one page.
-        unroll = cfg.shrink_unroll and aligned and page_width % cfg.k_per_split == 0
-        _lora_shrink_gmv_kernel[grid](
-            *common, NMOD=nmod, P=page_width, BLOCK_R=cfg.block_r, BLOCK_K=cfg.block_k,
-            ALIGNED=aligned, UNROLL=unroll, K_ITERS=cfg.k_per_split // cfg.block_k if unroll else 1,
-            **launch)
+        return KernelCall(_lora_shrink_kernel, grid, common, dict(
+            NMOD=nmod, P=page_width, BLOCK_M=cfg.block_m, BLOCK_R=cfg.block_r, BLOCK_K=cfg.block_k,
+            ALIGNED=page_width % cfg.block_k == 0, IEEE=cfg.ieee, **launch))
+    aligned = page_width % cfg.block_k == 0 and cfg.k_per_split % cfg.block_k == 0
+    # Unrolling needs every split to lie inside one page.
+    unroll = cfg.shrink_unroll and aligned and page_width % cfg.k_per_split == 0
+    return KernelCall(_lora_shrink_gmv_kernel, grid, common, dict(
+        NMOD=nmod, P=page_width, BLOCK_R=cfg.block_r, BLOCK_K=cfg.block_k,
+        ALIGNED=aligned, UNROLL=unroll, K_ITERS=cfg.k_per_split // cfg.block_k if unroll else 1, **launch))
 
 
 @triton.jit

@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import KernelCall
+
 _LOG2E = 1.4426950408889634
 
 
@@ -127,11 +129,19 @@ def _num_splits(batch: int, kv_heads: int, max_len: int, device) -> int:
     """
     if device.type != "cuda":
         return 1
-    target = 2 * _sm_count(device.index if device.index is not None else 0)
+    return split_count(batch, kv_heads, max_len, _sm_count(device.index if device.index is not None else 0))
+
+
+def split_count(batch: int, kv_heads: int, max_len: int, sm_count: int) -> int:
+    """_num_splits for a GPU with `sm_count` SMs."""
+    target = 2 * sm_count
     programs = batch * kv_heads
     if programs >= target:
         return 1
-    return max(1, min(triton.cdiv(target, programs), triton.cdiv(max_len, 128), 16))
+    split = max(1, min(triton.cdiv(target, programs), triton.cdiv(max_len, 128), 16))
+    # A power of two: NUM_SPLITS is a constexpr, and eager steps (decode rows of a prefill
+    # step) must only need variants the start-up warm-up compiled (kernels/launch.py).
+    return 1 << (split.bit_length() - 1)
 
 
 @functools.cache
@@ -149,7 +159,6 @@ def decode_attention(q, pool_layer, kv_pages, seq_lens, sm_scale, num_splits=Non
     assert pool_layer.stride() == (page_width, 1) and q.stride(2) == 1
     assert kv_pages.shape[0] == batch and kv_pages.shape[2] == 2 and kv_pages.stride(2) == 1
     kv_heads = page_width // head_dim
-    group = n_heads // kv_heads
     max_len = kv_pages.shape[1]
     o = torch.empty_like(q)
     if batch == 0:
@@ -157,6 +166,25 @@ def decode_attention(q, pool_layer, kv_pages, seq_lens, sm_scale, num_splits=Non
     if num_splits is None:
         num_splits = _num_splits(batch, kv_heads, max_len, q.device)
 
+    for call in _attention_calls(q, pool_layer, kv_pages, seq_lens, sm_scale, o, num_splits, block_t, num_warps,
+                                 num_stages):
+        call.run()
+    return o
+
+
+def attention_calls(q, pool_layer, kv_pages, seq_lens, sm_scale, sm_count: int) -> list[KernelCall]:
+    """The launches paged_decode_attention makes on a GPU of `sm_count` SMs (kernels/launch.py)."""
+    batch, _, head_dim = q.shape
+    num_splits = split_count(batch, pool_layer.shape[1] // head_dim, kv_pages.shape[1], sm_count)
+    return _attention_calls(q, pool_layer, kv_pages, seq_lens, sm_scale, torch.empty_like(q), num_splits)
+
+
+def _attention_calls(q, pool_layer, kv_pages, seq_lens, sm_scale, o, num_splits, block_t=128, num_warps=4,
+                     num_stages=None) -> list[KernelCall]:
+    batch, n_heads, head_dim = q.shape
+    page_width = pool_layer.shape[1]
+    kv_heads = page_width // head_dim
+    group = n_heads // kv_heads
     block_g = max(16, triton.next_power_of_2(group))
     block_d = max(16, triton.next_power_of_2(head_dim))
     if num_splits > 1:
@@ -165,24 +193,22 @@ def decode_attention(q, pool_layer, kv_pages, seq_lens, sm_scale, num_splits=Non
         part_ml = torch.empty((batch, n_heads, num_splits, 2), dtype=torch.float32, device=q.device)
     else:
         part_o = part_ml = o  # unused placeholders
-    _decode_attn_kernel[(batch, kv_heads, num_splits)](
+    calls = [KernelCall(_decode_attn_kernel, (batch, kv_heads, num_splits), (
         q, q.stride(0), q.stride(1), pool_layer,
         kv_pages, kv_pages.stride(0), kv_pages.stride(1), seq_lens,
         o, o.stride(0), o.stride(1), part_o, part_ml,
-        sm_scale * _LOG2E,
+        sm_scale * _LOG2E), dict(
         GROUP=group, D=head_dim, P=page_width, NUM_SPLITS=num_splits,
         BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_T=block_t,
         IEEE=q.dtype == torch.float32,
-        num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}),
-    )
+        num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages})))]
     if num_splits > 1:
-        _decode_attn_merge_kernel[(batch, n_heads)](
-            part_o, part_ml, o, o.stride(0), o.stride(1), n_heads,
+        calls.append(KernelCall(_decode_attn_merge_kernel, (batch, n_heads), (
+            part_o, part_ml, o, o.stride(0), o.stride(1), n_heads), dict(
             D=head_dim, NUM_SPLITS=num_splits,
             BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d,
-            num_warps=1 if block_d <= 64 else 2,
-        )
-    return o
+            num_warps=1 if block_d <= 64 else 2)))
+    return calls
 
 
 def paged_decode_attention(q, pool_layer, kv_pages, seq_lens, sm_scale):

@@ -66,6 +66,24 @@ class LoraTables:
     modules: int = 0  # bitmask of the modules some adapter targets (LoraBatch.modules)
 
 
+def device_lora_batch(t: LoraTables, seg_starts: list[int], max_seg_len: int, dev: torch.device) -> LoraBatch:
+    """A step's host tables as the kernels' LoRA batch (eager steps)."""
+    ints = torch.from_numpy(t.ints).to(dev)  # one copy for the three int tables
+    page_ids = torch.cat(t.page_id_parts) if t.page_id_parts else torch.zeros(1, dtype=torch.int32, device=dev)
+    return LoraBatch(
+        seg_starts=torch.tensor(seg_starts, dtype=torch.int32, device=dev),
+        seg_adapter=torch.tensor(t.seg_adapter, dtype=torch.int32, device=dev),
+        ranks=ints[0],
+        scales=torch.from_numpy(t.scales).to(dev),
+        a_starts=ints[1],
+        b_starts=ints[2],
+        page_ids=page_ids,
+        max_rank=t.max_rank,
+        max_seg_len=max_seg_len,
+        modules=t.modules,
+    )
+
+
 def adapter_columns(host: HostAdapter) -> tuple[np.ndarray, np.ndarray]:
     """An adapter's columns of the step tables: (3, 7) int32 rank / A / B^T offsets, (7,) scales."""
     ints = np.array([host.ranks, host.a_offsets, host.b_offsets], dtype=np.int32)
@@ -379,22 +397,7 @@ class AdapterCache:
     def build_lora_batch(self, seg_starts: list[int], seg_names: list[str | None],
                          max_seg_len: int) -> LoraBatch:
         """The step's tables as device tensors (eager path; CUDA graphs fill static ones)."""
-        t = self.lora_tables(seg_names)
-        dev = self.device
-        ints = torch.from_numpy(t.ints).to(dev)  # one copy for the three int tables
-        page_ids = torch.cat(t.page_id_parts) if t.page_id_parts else torch.zeros(1, dtype=torch.int32, device=dev)
-        return LoraBatch(
-            seg_starts=torch.tensor(seg_starts, dtype=torch.int32, device=dev),
-            seg_adapter=torch.tensor(t.seg_adapter, dtype=torch.int32, device=dev),
-            ranks=ints[0],
-            scales=torch.from_numpy(t.scales).to(dev),
-            a_starts=ints[1],
-            b_starts=ints[2],
-            page_ids=page_ids,
-            max_rank=t.max_rank,
-            max_seg_len=max_seg_len,
-            modules=t.modules,
-        )
+        return device_lora_batch(self.lora_tables(seg_names), seg_starts, max_seg_len, self.device)
 
     def stats(self) -> AdapterCacheStats:
         with self._lock:

@@ -19,9 +19,15 @@ class EngineConfig:
     max_rank: int = 64  # adapters of a larger rank are refused
     max_batch_size: int = 256  # running requests at once
     max_prefill_tokens: int = 4096  # prompt tokens in one prefill step (one longer prompt still runs alone)
+    # Running requests decode their next token inside prefill steps instead of waiting for
+    # them (scheduler.py); false = separate prefill and decode steps.
+    mix_decode_in_prefill: bool = True
     max_queue: int = 1024  # waiting requests; beyond it submit() answers "busy"
     max_model_len: int = 0  # 0 = the model's max_position_embeddings
     max_tokens_limit: int = 4096  # largest max_tokens a request may ask for
+    # The engine loop counts as hung (not alive to the health probe, so the watchdog reloads
+    # the model) when one step or wait has lasted longer than this.
+    engine_stall_timeout_s: float = 120.0
     cuda_graphs: bool = True  # on CUDA with the Triton kernels: replay decode steps from graphs
     # GPUs of this host the model is split over (tensor parallelism; rank 0 runs in the engine,
     # one worker process per other GPU; gloo processes on CPU). 1 = one GPU.

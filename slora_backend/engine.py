@@ -18,6 +18,7 @@ from dataclasses import asdict
 import torch
 
 from kernels import get_ops
+from kernels.launch import compiled_variants
 
 from .adapter_cache import AdapterCache
 from .adapters import (
@@ -32,7 +33,7 @@ from .adapters import (
 )
 from .checkpoint import ModelSpec, load_base_weights, read_spec
 from .config import EngineConfig
-from .cuda_graphs import DecodeGraphs
+from .cuda_graphs import DecodeGraphs, rank_buckets
 from .detokenizer import IncrementalDetokenizer
 from .dummy import dummy_spec, dummy_weights, is_dummy, register_dummy_adapters
 from .model_runner import ModelRunner
@@ -131,7 +132,7 @@ class Engine:
         else:
             self.adapters = ShardedAdapterCache(*cache_args, tp_size=tp_size, send=self.tp.send)
         self.scheduler = Scheduler(self.pool, self.adapters, config.max_batch_size,
-                                   config.max_prefill_tokens)
+                                   config.max_prefill_tokens, mix_decode=config.mix_decode_in_prefill)
         self.scheduler.on_adapter_error = self._adapter_failed
         self.runner = ModelRunner(run_spec, weights, self.pool_tensor, get_ops(backend), self.max_model_len,
                                   tp=None if self.tp is None else self.tp.group)
@@ -146,6 +147,13 @@ class Engine:
 
             attach_tp_graphs(self.runner, config, use_graphs, pages)
             self.tp.expect("ready")
+        if self.device.type == "cuda" and backend == "triton":
+            # Prefill (and mixed) steps run eagerly: compile their kernel variants now, not while
+            # a request waits (kernels/launch.py). Seconds on a first start, then Triton's disk cache.
+            t1 = time.monotonic()
+            forwards = self.runner.warm_up_eager(rank_buckets(config.max_rank))
+            log.info("eager-step kernels ready (%d warm-up forwards) in %.1fs", forwards, time.monotonic() - t1)
+        self._variants_at_start = compiled_variants()
         self._adapter_lock = threading.Lock()  # host registry is filled from caller threads
         self._unloaded: set[str] = set()  # refused for new requests until loaded again
         self.requests_served: dict[str, int] = {}  # finished requests per adapter
@@ -158,6 +166,11 @@ class Engine:
         self._error: BaseException | None = None
         self.steps = 0
         self.generated_tokens = 0
+        self._beat = time.monotonic()  # the engine loop's last round (healthy())
+        # Wall time of steps by kind (host view, sampling's device sync included): where a
+        # serving run's time goes. kind -> [steps, seconds, tokens computed]
+        self.step_time = {"prefill": [0, 0.0, 0], "decode": [0, 0.0, 0]}
+        self.mixed_steps = 0  # prefill steps that also decoded running requests
         log.info("engine ready in %.1fs: %s layers=%d hidden=%d heads=%d/%d on %s %s, kernels=%s, "
                  "pool %d pages x %d (%.1f MiB)", time.monotonic() - t0, config.model_dir, s.layers,
                  s.hidden, s.heads, s.kv_heads, self.device, self.dtype, backend, pages, s.page_width,
@@ -173,19 +186,7 @@ class Engine:
         self._thread.start()
 
     def _pool_pages(self) -> int:
-        cfg, s = self.config, self.spec
-        page_bytes = s.layers * s.page_width * torch.finfo(self.dtype).bits // 8
-        if cfg.pool_pages > 0:
-            return cfg.pool_pages
-        if self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
-            used = total - free
-            # Room for activations of the largest prefill and the logits of a full decode batch.
-            act = cfg.max_prefill_tokens * (4 * s.hidden + 3 * s.intermediate + s.q_width) * 4
-            act += cfg.max_batch_size * s.vocab * 8 + (512 << 20)
-            budget = int(total * cfg.gpu_memory_fraction) - used - act
-            return max(budget // page_bytes, 64)
-        return max((cfg.cpu_pool_mb << 20) // page_bytes, 64)
+        return pool_capacity(self.config, self.spec, self.dtype, self.device)
 
     # -- public API ----------------------------------------------------------------------
     def submit(self, *, prompt: str | None = None, prompt_ids: list[int] | None = None,
@@ -395,10 +396,25 @@ class Engine:
                          "pool_used_at_first_preemption": self.scheduler.used_at_first_preemption},
             "steps": self.steps,
             "generated_tokens": self.generated_tokens,
+            "mixed_steps": self.mixed_steps,
+            "loop_stalled_s": round(self.stalled_for(), 3),
+            "step_time": {kind: dict(zip(("steps", "seconds", "tokens"), v, strict=True))
+                          for kind, v in self.step_time.items()},
+            # Triton kernel binaries built by this process; those built after start-up stalled a step.
+            "kernel_variants": (n := compiled_variants()),
+            "kernel_compiles_while_serving": n - self._variants_at_start,
         }
 
     def is_alive(self) -> bool:
         return self._thread.is_alive() and not self._stop
+
+    def stalled_for(self) -> float:
+        """Seconds since the engine loop last came round (a step in progress counts)."""
+        return time.monotonic() - self._beat
+
+    def healthy(self) -> bool:
+        """Alive and not hung: what the health probe (command=stats) reports."""
+        return self.is_alive() and self.stalled_for() < self.config.engine_stall_timeout_s
 
     @property
     def failure(self) -> str | None:
@@ -449,11 +465,17 @@ class Engine:
         # the loop dies like an unexpected bug once that file appears (it is consumed, so a
         # reloaded engine runs normally). Unset in production: one None check per iteration.
         crash_file = os.environ.get("SLORA_TEST_ENGINE_CRASH_FILE") or None
+        hang_file = os.environ.get("SLORA_TEST_ENGINE_HANG_FILE") or None  # same, but it hangs
         try:
             while not self._stop:
+                self._beat = time.monotonic()
                 self._drain_inbox()
                 if crash_file is not None:
                     _injected_crash(crash_file)
+                if hang_file is not None and _consume(hang_file):
+                    log.error("test fault injection: %s appeared; the engine loop hangs", hang_file)
+                    while not self._stop:  # like a deadlock, except that shutdown ends it
+                        time.sleep(0.05)
                 if not self.scheduler.has_work():
                     self._wake.wait(0.05)
                     self._wake.clear()
@@ -502,6 +524,7 @@ class Engine:
                     self._finish(tracked, FinishReason.CANCELLED)
 
     def _run_step(self, step) -> None:
+        t0 = time.perf_counter()
         try:
             if not step.prefill and self.graphs is not None:
                 logits = self.graphs.run(step, self.adapters)
@@ -519,6 +542,11 @@ class Engine:
                     self._finish(tracked, FinishReason.ERROR, error=f"internal error: {e}")
             return
         self.steps += 1
+        kind = self.step_time["prefill" if step.prefill else "decode"]
+        kind[0] += 1
+        kind[1] += time.perf_counter() - t0
+        kind[2] += sum(r.seq_len for r in step.prefills) + len(step.requests) - len(step.prefills)
+        self.mixed_steps += step.decodes > 0
         now = time.monotonic()
         for req, token in zip(step.requests, tokens, strict=True):
             req.num_computed = req.seq_len
@@ -592,12 +620,18 @@ class Engine:
             log.exception("draining the inbox failed")
 
 
-def _injected_crash(path: str) -> None:
+def _consume(path: str) -> bool:
+    """Remove the file if it is there; whether it was."""
     try:
         os.unlink(path)
     except FileNotFoundError:
-        return
-    raise RuntimeError(f"test fault injection: {path} appeared (SLORA_TEST_ENGINE_CRASH_FILE)")
+        return False
+    return True
+
+
+def _injected_crash(path: str) -> None:
+    if _consume(path):
+        raise RuntimeError(f"test fault injection: {path} appeared (SLORA_TEST_ENGINE_CRASH_FILE)")
 
 
 __all__ = ["Engine", "EngineConfig", "RequestError", "SamplingParams", "Status"]

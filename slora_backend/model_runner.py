@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+import logging
 import math
 from dataclasses import dataclass
 
@@ -9,11 +11,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kernels.lora_batch import LoraBatch, module_bits
+from kernels.lora import GMV_MAX_SEG_LEN
+from kernels.lora_batch import ALL_MODULES, LoraBatch, module_bits
 
 from .adapter_cache import AdapterCache
 from .checkpoint import BaseWeights, ModelSpec
 from .scheduler import ScheduledStep
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -24,9 +29,10 @@ class StepInputs:
     k_pages: torch.Tensor  # (T,) int32: page receiving each token's K
     v_pages: torch.Tensor  # (T,) int32: page receiving each token's V
     last_rows: torch.Tensor  # (B,) int64: row whose logits are sampled, one per request
-    seq_bounds: list[int]  # (B+1,) host ints, prefill only: rows of request b
-    kv_table: torch.Tensor | None  # (B, max_len, 2) int32, decode only: K/V pages of every token
-    seq_lens: torch.Tensor | None  # (B,) int32, decode only: tokens in the cache incl. this one
+    # Rows: each prefill request's tokens, then one row per decoding request (ScheduledStep).
+    seq_bounds: list[int]  # (B_prefill+1,) host ints: rows of prefill request b; decode rows follow
+    kv_table: torch.Tensor | None  # (B_decode, max_len, 2) int32: K/V pages of every token; None: no decode rows
+    seq_lens: torch.Tensor | None  # (B_decode,) int32: tokens in the cache incl. this one
     lora: LoraBatch | None  # None when no request in the step uses an adapter
 
 
@@ -51,6 +57,87 @@ def rope_inv_freq(spec: ModelSpec) -> torch.Tensor:
     return torch.where(medium, blended, scaled)
 
 
+def _varlen_attn():
+    """torch's variable-length flash attention (torch >= 2.10) as
+    f(q, k, v, cu_seqlens, max_len, scale, group) -> (T, H, D), causal; None if absent.
+    Its keywords moved between releases (is_causal, then a (-1, 0) window; enable_gqa later)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    if "is_causal" in params:
+        causal = {"is_causal": True}
+    elif "window_size" in params:
+        causal = {"window_size": (-1, 0)}
+    else:
+        return None
+    native_gqa = "enable_gqa" in params
+    takes_scale = "scale" in params  # without it: 1/sqrt(head_dim), the scale Llama uses
+
+    def attend(q, k, v, cu, longest: int, scale: float, group: int):
+        extra = dict(causal, scale=scale) if takes_scale else dict(causal)
+        if group > 1 and native_gqa:
+            extra["enable_gqa"] = True
+        elif group > 1:
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        return varlen_attn(q.contiguous(), k.contiguous(), v.contiguous(), cu, cu, longest, longest, **extra)
+
+    return attend
+
+
+def eager_segments(adapters: list[str | None], bounds: list[int]) -> tuple[list[int], list[str | None], int]:
+    """LoRA segments of an eager step's rows: (seg_starts, adapter per segment, max_seg_len).
+
+    Adjacent requests on one adapter form one segment, so its weights are read once. The
+    length bound is at least GMV_MAX_SEG_LEN + 1: eager steps always take the MBGMM kernels
+    (an upper bound is safe, rows past a segment's end are masked), whose variants are
+    compiled at start-up (ModelRunner.warm_up_eager); the MBGMV ones serve the decode
+    graphs only.
+    """
+    seg_starts, seg_names = [0], []
+    for i, name in enumerate(adapters):
+        if seg_names and seg_names[-1] == name:
+            seg_starts[-1] = bounds[i + 1]
+        else:
+            seg_names.append(name)
+            seg_starts.append(bounds[i + 1])
+    longest = max(b - a for a, b in zip(seg_starts[:-1], seg_starts[1:], strict=True))
+    return seg_starts, seg_names, max(longest, GMV_MAX_SEG_LEN + 1)
+
+
+def warmup_inputs(spec: ModelSpec, page_width: int, device, rows: int, rank: int, tp_size: int = 1,
+                  decode_width: int = 0) -> StepInputs:
+    """An eager step that computes nothing that stays and launches what a real one of that
+    shape launches: a prefill of `rows` tokens, with (rank > 0) one adapter of `rank` on all
+    seven modules, every row of its A and B^T on page 0, scales 0; with decode_width > 0, one
+    decode row whose KV table is that many tokens wide (all page 0, length 1). KV writes are
+    skipped (negative pages)."""
+    s, dev = spec, device
+    lora = None
+    if rank:
+        widest = max(s.hidden, s.q_width, 2 * s.intermediate)
+        zeros = torch.zeros(7, 1, dtype=torch.int32, device=dev)
+        lora = LoraBatch(seg_starts=torch.tensor([0, rows], dtype=torch.int32, device=dev),
+                         seg_adapter=torch.zeros(1, dtype=torch.int32, device=dev),
+                         ranks=torch.full((7, 1), rank, dtype=torch.int32, device=dev),
+                         scales=torch.zeros(7, 1, dtype=torch.float32, device=dev), a_starts=zeros,
+                         b_starts=zeros.clone(),
+                         page_ids=torch.zeros(2 * rank * tp_size * -(-widest // page_width), dtype=torch.int32,
+                                              device=dev),
+                         max_rank=rank, max_seg_len=rows, modules=ALL_MODULES)
+    total = rows + (1 if decode_width else 0)
+    skip = torch.full((total,), -1, dtype=torch.int32, device=dev)
+    positions = torch.arange(total, device=dev)
+    positions[rows:] = 0
+    return StepInputs(prefill=True, input_ids=torch.zeros(total, dtype=torch.int64, device=dev),
+                      positions=positions, k_pages=skip, v_pages=skip.clone(),
+                      last_rows=torch.arange(rows - 1, total, device=dev), seq_bounds=[0, rows],
+                      kv_table=torch.zeros(1, decode_width, 2, dtype=torch.int32, device=dev) if decode_width else None,
+                      seq_lens=torch.ones(1, dtype=torch.int32, device=dev) if decode_width else None,
+                      lora=lora)
+
+
 class ModelRunner:
     def __init__(self, spec: ModelSpec, weights: BaseWeights, pool: torch.Tensor, ops,
                  max_model_len: int, tp=None):
@@ -67,39 +154,45 @@ class ModelRunner:
         self.cos = emb.cos().to(self.device)  # (max_model_len, D) fp32
         self.sin = emb.sin().to(self.device)
         self.sm_scale = 1.0 / math.sqrt(spec.head_dim)
+        self._varlen = _varlen_attn()  # None: per-request attention (CPU, or an older torch)
         s = spec
         self.qkv_offsets = (0, s.q_width, s.q_width + s.kv_width)
         self.gate_up_offsets = (0, s.intermediate)
 
     # -- inputs --------------------------------------------------------------------------
     def prepare(self, step: ScheduledStep, adapters: AdapterCache) -> StepInputs:
+        """A step's rows as device tensors: every token of each prefill request, then one row
+        per decoding request (a decode step has only those)."""
         dev = self.device
         reqs = step.requests
-        if step.prefill:
-            ids = [t for r in reqs for t in r.all_ids]
-            positions = np.concatenate([np.arange(r.seq_len) for r in reqs])
-            pages = np.concatenate([r.kv_pages.array for r in reqs])  # K0 V0 K1 V1 ... per request
-            bounds = np.cumsum([0] + [r.seq_len for r in reqs]).tolist()
-            kv_table = seq_lens = None
-        else:
-            lens = np.array([r.seq_len for r in reqs], dtype=np.int64)
-            ids = [r.last_id for r in reqs]
-            positions = lens - 1
-            table = np.zeros((len(reqs), int(lens.max()) * 2), dtype=np.int32)
-            for i, r in enumerate(reqs):
+        pre = step.prefills
+        dec = reqs[len(pre) :]
+        ids, positions, pages = [], [], []
+        if pre:
+            ids = [t for r in pre for t in r.all_ids]
+            positions.append(np.concatenate([np.arange(r.seq_len) for r in pre]))
+            pages.append(np.concatenate([r.kv_pages.array for r in pre]))  # K0 V0 K1 V1 ... per request
+        kv_table = seq_lens = None
+        if dec:
+            lens = np.array([r.seq_len for r in dec], dtype=np.int64)
+            ids += [r.last_id for r in dec]
+            positions.append(lens - 1)
+            table = np.zeros((len(dec), 2 * self.decode_table_width(int(lens.max()))), dtype=np.int32)
+            for i, r in enumerate(dec):
                 table[i, : len(r.kv_pages)] = r.kv_pages.array
-            pages = table[np.arange(len(reqs))[:, None], (2 * positions)[:, None] + (0, 1)].reshape(-1)
-            bounds = list(range(len(reqs) + 1))
-            kv_table = torch.from_numpy(table).view(len(reqs), -1, 2).to(dev)
+            pages.append(table[np.arange(len(dec))[:, None], (2 * lens - 2)[:, None] + (0, 1)].reshape(-1))
+            kv_table = torch.from_numpy(table).view(len(dec), -1, 2).to(dev)
             seq_lens = torch.from_numpy(lens.astype(np.int32)).to(dev)
+        bounds = np.cumsum([0] + [r.seq_len for r in pre] + [1] * len(dec)).tolist()  # rows of each request
+        pages = np.concatenate(pages)
         return StepInputs(
             prefill=step.prefill,
             input_ids=torch.tensor(ids, dtype=torch.int64, device=dev),
-            positions=torch.from_numpy(np.asarray(positions, dtype=np.int64)).to(dev),
+            positions=torch.from_numpy(np.concatenate(positions)).to(dev),
             k_pages=torch.from_numpy(pages[0::2].copy()).to(dev),
             v_pages=torch.from_numpy(pages[1::2].copy()).to(dev),
             last_rows=torch.tensor([b - 1 for b in bounds[1:]], dtype=torch.int64, device=dev),
-            seq_bounds=bounds,
+            seq_bounds=bounds[: len(pre) + 1],
             kv_table=kv_table,
             seq_lens=seq_lens,
             lora=self._lora_tables(reqs, bounds, adapters),
@@ -109,16 +202,29 @@ class ModelRunner:
     def _lora_tables(reqs, bounds: list[int], adapters: AdapterCache) -> LoraBatch | None:
         if all(r.adapter is None for r in reqs):
             return None
-        # Adjacent requests on one adapter form one segment, so its weights are read once.
-        seg_starts, seg_names = [0], []
-        for i, r in enumerate(reqs):
-            if seg_names and seg_names[-1] == r.adapter:
-                seg_starts[-1] = bounds[i + 1]
-            else:
-                seg_names.append(r.adapter)
-                seg_starts.append(bounds[i + 1])
-        longest = max(b - a for a, b in zip(seg_starts[:-1], seg_starts[1:], strict=True))
-        return adapters.build_lora_batch(seg_starts, seg_names, longest)
+        return adapters.build_lora_batch(*eager_segments([r.adapter for r in reqs], bounds))
+
+    @staticmethod
+    def decode_table_width(longest: int) -> int:
+        """Tokens per row of an eager step's KV table: rounded up to 8, so that the attention
+        kernel's row stride is a multiple of 16 elements whatever the lengths (one compiled
+        variant: kernels/launch.py)."""
+        return -(-longest // 8) * 8
+
+    # -- start-up ------------------------------------------------------------------------
+    def warm_up_eager(self, ranks: list[int]) -> int:
+        """Compile, before serving, every kernel variant an eager step can need (kernels/launch.py):
+        a LoRA prefill per (MBGMM row block, rank bucket), and a decode row beside a prefill
+        per attention split count (powers of two: paged_attention._num_splits). Nothing is
+        written (warmup_inputs). Returns the forwards run; with tensor parallelism every rank
+        runs them (forward shares the inputs)."""
+        size = 1 if self.tp is None else self.tp.size
+        page = self.pool.shape[-1]
+        steps = [dict(rows=rows, rank=rank) for rank in ranks for rows in (16, 64)]  # lora.py: row blocks
+        steps += [dict(rows=16, rank=0, decode_width=128 * split) for split in (1, 2, 4, 8, 16)]
+        for kw in steps:
+            self.forward(warmup_inputs(self.spec, page, self.device, tp_size=size, **kw))
+        return len(steps)
 
     # -- forward -------------------------------------------------------------------------
     @torch.inference_mode()
@@ -164,9 +270,13 @@ class ModelRunner:
                               s.heads, s.kv_heads, s.head_dim)
             q = qkv[:, :qw].view(T, s.heads, s.head_dim)
             if inp.prefill:
-                k = qkv[:, qw : qw + kvw].view(T, s.kv_heads, s.head_dim)
-                v = qkv[:, qw + kvw :].view(T, s.kv_heads, s.head_dim)
-                attn = self._prefill_attention(q, k, v, inp.seq_bounds)
+                n = inp.seq_bounds[-1]  # prefill rows; decode rows (if any) follow
+                k = qkv[:n, qw : qw + kvw].view(n, s.kv_heads, s.head_dim)
+                v = qkv[:n, qw + kvw :].view(n, s.kv_heads, s.head_dim)
+                attn = self._prefill_attention(q[:n], k, v, inp.seq_bounds)
+                if n < T:
+                    attn = torch.cat([attn, ops.paged_decode_attention(q[n:], pool, inp.kv_table, inp.seq_lens,
+                                                                       self.sm_scale)])
             else:
                 attn = ops.paged_decode_attention(q, pool, inp.kv_table, inp.seq_lens, self.sm_scale)
             attn = attn.reshape(T, qw)
@@ -202,6 +312,12 @@ class ModelRunner:
 
     def _prefill_attention(self, q, k, v, bounds: list[int]) -> torch.Tensor:
         """Causal attention over each request's own tokens (prefill always starts at 0)."""
+        if q.is_cuda and self._varlen is not None and len(bounds) > 2:
+            try:
+                return self._varlen_attention(q, k, v, bounds)
+            except (RuntimeError, TypeError, ValueError) as e:  # this torch lacks or refuses it
+                log.warning("varlen flash attention unavailable (%s); prefill attention per request", e)
+                self._varlen = None
         s = self.spec
         group = s.heads // s.kv_heads
         out = torch.empty_like(q)
@@ -212,3 +328,10 @@ class ModelRunner:
             oi = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=self.sm_scale)
             out[a:b] = oi.transpose(0, 1)
         return out
+
+    def _varlen_attention(self, q, k, v, bounds: list[int]) -> torch.Tensor:
+        """All requests of the step in one flash-attention call (the per-request loop costs
+        ~6 launches per request and layer: host time an eager step cannot hide)."""
+        cu = torch.tensor(bounds, dtype=torch.int32).to(q.device, non_blocking=True)
+        longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True))
+        return self._varlen(q, k, v, cu, longest, self.sm_scale, self.spec.heads // self.spec.kv_heads)

@@ -1,6 +1,11 @@
 """Iteration-level continuous batching over the unified page pool.
 
 Each step is either a prefill of newly admitted requests or a decode of every running one.
+With `mix_decode` (the default) the running requests also decode their next token inside a
+prefill step: a prefill runs eagerly (no CUDA graph fits its shapes), so on its own it leaves
+every decoding request waiting for a step that is mostly kernel-launch time; riding along,
+they lose nothing and the launches overlap their GPU work.
+
 Admission needs the request's adapter resident (its load is started here and the request
 waits, without blocking others, until the copy is done) and 2 pages per token for its KV.
 When decode runs out of pages, idle adapters are evicted first, then the most recently
@@ -25,7 +30,14 @@ log = logging.getLogger(__name__)
 @dataclass
 class ScheduledStep:
     prefill: bool
-    requests: list[Request]  # ordered so that requests sharing an adapter are adjacent
+    # Prefills first (every token not yet computed), then `decodes` requests decoding one
+    # token each; within each part, requests sharing an adapter are adjacent.
+    requests: list[Request]
+    decodes: int = 0  # with prefill: how many trailing requests only decode
+
+    @property
+    def prefills(self) -> list[Request]:
+        return self.requests[: len(self.requests) - self.decodes] if self.prefill else []
 
 
 def adapter_order(req: Request) -> tuple[int, str]:
@@ -34,8 +46,9 @@ def adapter_order(req: Request) -> tuple[int, str]:
 
 class Scheduler:
     def __init__(self, pool: PagePool, adapters: AdapterCache, max_batch_size: int,
-                 max_prefill_tokens: int):
+                 max_prefill_tokens: int, mix_decode: bool = True):
         self.pool = pool
+        self.mix_decode = mix_decode
         self.adapters = adapters
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens
@@ -53,6 +66,15 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> ScheduledStep | None:
+        if self.mix_decode and self.waiting and self.running:
+            # Next-token pages for the running requests first (they never wait on newcomers).
+            self._reserve_decode_pages()
+            decoding = sorted(self.running, key=adapter_order)
+            admitted = self._admit()
+            if admitted or decoding:
+                return ScheduledStep(prefill=bool(admitted),
+                                     requests=sorted(admitted, key=adapter_order) + decoding,
+                                     decodes=len(decoding) if admitted else 0)
         admitted = self._admit()
         if admitted:
             return ScheduledStep(prefill=True, requests=sorted(admitted, key=adapter_order))

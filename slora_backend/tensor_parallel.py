@@ -256,9 +256,9 @@ def pack_step(inp) -> tuple[tuple, torch.Tensor]:
     """A step's inputs as (host header, one int32 device tensor) for a single broadcast."""
     lora = inp.lora
     parts = [inp.input_ids, inp.positions, inp.k_pages, inp.v_pages, inp.last_rows]
-    max_len = 0
-    if not inp.prefill:
-        max_len = inp.kv_table.shape[1]
+    max_len = n_dec = 0
+    if inp.kv_table is not None:  # decode rows (a decode step, or riding in a prefill step)
+        n_dec, max_len = inp.kv_table.shape[:2]
         parts += [inp.kv_table, inp.seq_lens]
     lora_meta = None
     if lora is not None:
@@ -267,16 +267,16 @@ def pack_step(inp) -> tuple[tuple, torch.Tensor]:
         parts += [lora.seg_starts, lora.seg_adapter, lora.ranks, lora.a_starts, lora.b_starts,
                   lora.scales.contiguous().view(torch.int32), lora.page_ids]
     payload = torch.cat([p.reshape(-1).to(torch.int32) for p in parts])
-    header = (inp.prefill, inp.input_ids.shape[0], inp.last_rows.shape[0],
-              list(inp.seq_bounds) if inp.prefill else None, max_len, lora_meta)
+    header = (inp.prefill, inp.input_ids.shape[0], inp.last_rows.shape[0], list(inp.seq_bounds), n_dec, max_len,
+              lora_meta)
     return header, payload
 
 
 def _payload_sizes(header: tuple) -> list[int]:
-    prefill, n_rows, batch, _, max_len, lora_meta = header
+    _, n_rows, batch, _, n_dec, max_len, lora_meta = header
     sizes = [n_rows] * 4 + [batch]
-    if not prefill:
-        sizes += [batch * max_len * 2, batch]
+    if n_dec:
+        sizes += [n_dec * max_len * 2, n_dec]
     if lora_meta is not None:
         n_seg, n_adapters, n_ids = lora_meta[:3]
         sizes += [n_seg + 1, n_seg] + [7 * n_adapters] * 4 + [n_ids]
@@ -291,7 +291,7 @@ def unpack_step(header: tuple, payload: torch.Tensor):
     """The StepInputs that pack_step packed (on the worker's device)."""
     from .model_runner import StepInputs
 
-    prefill, n_rows, batch, bounds, max_len, lora_meta = header
+    prefill, n_rows, batch, bounds, n_dec, max_len, lora_meta = header
     chunks = iter(payload.split(_payload_sizes(header)))
 
     def take_long():
@@ -301,8 +301,8 @@ def unpack_step(header: tuple, payload: torch.Tensor):
     k_pages, v_pages = next(chunks), next(chunks)
     last_rows = take_long()
     kv_table = seq_lens = None
-    if not prefill:
-        kv_table = next(chunks).view(batch, max_len, 2)
+    if n_dec:
+        kv_table = next(chunks).view(n_dec, max_len, 2)
         seq_lens = next(chunks)
     lora = None
     if lora_meta is not None:
@@ -313,7 +313,7 @@ def unpack_step(header: tuple, payload: torch.Tensor):
                          a_starts=a_starts, b_starts=b_starts, page_ids=next(chunks), max_rank=max_rank,
                          max_seg_len=max_seg_len, modules=modules)
     return StepInputs(prefill=prefill, input_ids=ids, positions=positions, k_pages=k_pages, v_pages=v_pages,
-                      last_rows=last_rows, seq_bounds=bounds if prefill else list(range(batch + 1)),
+                      last_rows=last_rows, seq_bounds=bounds,
                       kv_table=kv_table, seq_lens=seq_lens, lora=lora)
 
 
@@ -383,13 +383,17 @@ class ShardedAdapterCache(AdapterCache):
 
 # -- pool size ----------------------------------------------------------------------------------
 def pool_capacity(config, spec: ModelSpec, dtype: torch.dtype, device: torch.device) -> int:
-    """Pages one rank can hold (the budget of Engine._pool_pages, for this rank's shapes)."""
+    """Pages one rank can hold: what is left of gpu_memory_fraction after the weights (already
+    loaded) and room for the activations of the largest eager step (a full prefill with every
+    running request decoding beside it) and the logits of a full decode batch. `spec` is this
+    rank's shape."""
     page_bytes = spec.layers * spec.page_width * torch.finfo(dtype).bits // 8
     if config.pool_pages > 0:
         return config.pool_pages
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
-        act = config.max_prefill_tokens * (4 * spec.hidden + 3 * spec.intermediate + spec.q_width) * 4
+        rows = config.max_prefill_tokens + config.max_batch_size
+        act = rows * (4 * spec.hidden + 3 * spec.intermediate + spec.q_width) * 4
         act += config.max_batch_size * spec.vocab * 8 + (512 << 20)
         budget = int(total * config.gpu_memory_fraction) - (total - free) - act
         return max(budget // page_bytes, 64)

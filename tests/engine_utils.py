@@ -26,6 +26,31 @@ def run_batch(engine, jobs: list[dict], timeout: float = 300.0) -> list[list[Req
     return results
 
 
+def run_staggered(engine, first: list[dict], later: list[dict], after_tokens: int = 2,
+                  timeout: float = 300.0) -> list[list[RequestOutput]]:
+    """Submit `first`, wait until each has streamed `after_tokens` tokens (so they are
+    decoding), then submit `later`: their prefills meet running requests. Outputs of all, in order."""
+    queues, results = [], []
+    for job in first:
+        q: queue.SimpleQueue = queue.SimpleQueue()
+        engine.submit(on_output=q.put, **job)
+        queues.append(q)
+    for q in queues:
+        outs = []
+        while sum(len(o.token_ids) for o in outs) < after_tokens and not (outs and outs[-1].finished):
+            outs.append(q.get(timeout=timeout))
+        results.append(outs)
+    for job in later:
+        q = queue.SimpleQueue()
+        engine.submit(on_output=q.put, **job)
+        queues.append(q)
+        results.append([])
+    for q, outs in zip(queues, results, strict=True):
+        while not (outs and outs[-1].finished):
+            outs.append(q.get(timeout=timeout))
+    return results
+
+
 def tokens_of(outputs: list[RequestOutput]) -> list[int]:
     return [t for o in outputs for t in o.token_ids]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from engine_utils import greedy, run_batch, tokens_of
+from engine_utils import greedy, run_batch, run_staggered, tokens_of
 from tiny_model import PARITY_ADAPTERS, build_adapter, build_tiny_model, hf_peft_greedy
 
 from kernels.lora_batch import ATTENTION_MODULES
@@ -54,6 +54,27 @@ def test_batched_greedy_matches_hf_peft(setup, backend):
             assert tokens_of(outs) == refs[i], f"request {i} adapter {names[i]}"
         # Several requests shared a step: the batch really mixed adapters.
         assert engine.steps < len(jobs) * NEW_TOKENS
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.parametrize("mix", [True, False], ids=["mixed", "separate"])
+def test_requests_arriving_while_others_decode_match_hf_peft(setup, mix):
+    """Later requests' prefills meet running ones: with mixing (the default) the running
+    requests decode inside those prefill steps (rows of both kinds, both attention paths,
+    LoRA segments over all of them, Triton kernels); tokens stay HF+PEFT's either way."""
+    model, adapters, prompts, names, refs = setup
+    engine = Engine(EngineConfig(model_dir=str(model), adapter_dir=str(adapters), kernel_backend="triton",
+                                 pool_pages=3000, mix_decode_in_prefill=mix))
+    try:
+        jobs = [dict(prompt_ids=prompts[i], adapter=name, params=greedy(NEW_TOKENS))
+                for i, name in enumerate(names)]
+        results = run_staggered(engine, jobs[:3], jobs[3:])
+        for i, outs in enumerate(results):
+            assert outs[-1].error is None, outs[-1].error
+            assert tokens_of(outs) == refs[i], f"request {i} adapter {names[i]}"
+        mixed = engine.stats()["mixed_steps"]
+        assert mixed > 0 if mix else mixed == 0
     finally:
         engine.shutdown()
 

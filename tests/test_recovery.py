@@ -1,8 +1,9 @@
 """Crash recovery through scripts/serve.sh: the real tritonserver under scripts/watchdog.py.
 
-Three faults, each in the middle of streams: the engine thread dies (the test-only
-SLORA_TEST_ENGINE_CRASH_FILE hook raises inside the engine loop), the Python-backend stub is
-SIGKILLed, tritonserver itself is SIGKILLed. Each time the in-flight streams must end with
+Four faults, each in the middle of streams: the engine thread dies (the test-only
+SLORA_TEST_ENGINE_CRASH_FILE hook raises inside the engine loop), the engine loop hangs
+(SLORA_TEST_ENGINE_HANG_FILE: it stops coming round, as in a deadlock), the Python-backend
+stub is SIGKILLed, tritonserver itself is SIGKILLed. Each time the in-flight streams must end with
 errors (no hang), `/v2/models/slora/ready` must turn false and then true again by itself, and
 a request with an adapter must then give exactly HF + PEFT's tokens. Recovery times are printed
 (`pytest -s`) and bounded by RECOVERY_BOUND_S, the bound README.md states.
@@ -37,14 +38,17 @@ def assets(tmp_path_factory):
     build_adapter(model, root / "adapters" / "mlp4", rank=4,
                   targets=["gate_proj", "up_proj", "down_proj"], alpha=8, seed=12)
     return {"root": root, "model": model, "adapters": root / "adapters",
-            "crash_file": root / "crash-engine-now"}
+            "crash_file": root / "crash-engine-now", "hang_file": root / "hang-engine-now"}
 
 
 @pytest.fixture(scope="module")
 def served(assets):
     srv = ServeScript(assets["root"] / "serve.log", model=assets["model"],
                       adapters=assets["adapters"],
-                      env={"SLORA_TEST_ENGINE_CRASH_FILE": str(assets["crash_file"])})
+                      env={"SLORA_TEST_ENGINE_CRASH_FILE": str(assets["crash_file"]),
+                           "SLORA_TEST_ENGINE_HANG_FILE": str(assets["hang_file"]),
+                           # A hang is declared after 5 s here (default 120 s); tiny-model steps take ms.
+                           "SLORA_ENGINE_STALL_TIMEOUT_S": "5"})
     with srv:
         yield srv
 
@@ -147,6 +151,17 @@ def test_engine_thread_death_turns_not_ready_and_recovers(assets, served):
     check_recovery(assets, served, streams, t_fault, in_flight, "engine thread death")
     assert all("engine failed" in s.error for s, f in zip(streams, in_flight, strict=True) if f)
     assert not assets["crash_file"].exists()  # consumed: the reloaded engine runs normally
+
+
+def test_hung_engine_loop_is_detected_and_recovers(assets, served):
+    """Alive but stuck: the health probe reports it once the loop has not come round for the
+    stall timeout, and the watchdog's reload ends the streams with errors."""
+    streams = start_streams(served, 2, 1)
+    in_flight = [s.is_alive() for s in streams]
+    assets["hang_file"].touch()  # the engine loop stops coming round at its next iteration
+    t_fault = time.monotonic()
+    check_recovery(assets, served, streams, t_fault, in_flight, "engine loop hang")
+    assert not assets["hang_file"].exists()  # consumed: the reloaded engine runs normally
 
 
 def test_stub_sigkill_mid_stream_recovers(assets, served):

@@ -19,7 +19,7 @@ import time
 
 import pytest
 import torch
-from engine_utils import greedy, run_batch, tokens_of
+from engine_utils import greedy, run_batch, run_staggered, tokens_of
 from tiny_model import PARITY_ADAPTERS, build_adapter, build_tiny_model, hf_peft_greedy
 
 from kernels import LoraBatch, get_ops
@@ -212,6 +212,21 @@ def test_step_inputs_survive_packing():
     assert (out.lora.max_rank, out.lora.max_seg_len, out.prefill) == (5, 2, False)
 
 
+def test_mixed_step_inputs_survive_packing():
+    """A prefill step carrying decode rows: 3 prompt rows of one request, then 2 decode rows."""
+    from slora_backend.model_runner import StepInputs
+
+    inp = StepInputs(prefill=True, input_ids=torch.tensor([5, 6, 7, 8, 9]), positions=torch.tensor([0, 1, 2, 6, 3]),
+                     k_pages=torch.tensor([10, 12, 14, 16, 18], dtype=torch.int32),
+                     v_pages=torch.tensor([11, 13, 15, 17, 19], dtype=torch.int32), last_rows=torch.tensor([2, 3, 4]),
+                     seq_bounds=[0, 3], kv_table=torch.arange(28, dtype=torch.int32).view(2, 7, 2),
+                     seq_lens=torch.tensor([7, 4], dtype=torch.int32), lora=None)
+    out = unpack_step(*pack_step(inp))
+    for field in ("input_ids", "positions", "k_pages", "v_pages", "last_rows", "kv_table", "seq_lens"):
+        assert torch.equal(getattr(out, field), getattr(inp, field)), field
+    assert out.prefill and out.seq_bounds == [0, 3] and out.lora is None
+
+
 # -- the engine with 2 processes ------------------------------------------------------------------
 NEW_TOKENS = 8
 
@@ -256,6 +271,21 @@ def test_two_processes_give_the_tokens_of_one(setup, static_decode, monkeypatch)
     finally:
         engine.shutdown()
     assert all(not p.is_alive() for p in engine.tp.procs)
+
+
+def test_two_processes_mix_decode_rows_into_prefill_steps(setup):
+    """Requests arriving while others decode: the workers get prefill steps carrying decode
+    rows (mixed packing, both attention paths, sharded LoRA over all rows); same tokens."""
+    model, adapters, jobs, want = setup
+    engine = _tp_engine(model, adapters)
+    try:
+        results = run_staggered(engine, jobs[:3], jobs[3:], timeout=120)
+        for i, outs in enumerate(results):
+            assert outs[-1].error is None, outs[-1].error
+            assert tokens_of(outs) == want[i], f"request {i} adapter {jobs[i]['adapter']}"
+        assert engine.stats()["mixed_steps"] > 0
+    finally:
+        engine.shutdown()
 
 
 def test_two_processes_match_hf_peft(setup):

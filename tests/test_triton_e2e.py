@@ -324,6 +324,10 @@ def test_metrics_move_per_adapter(assets, server):
     assert metric_value(after, "slora_pool_pages", use="adapter") > 0
     assert metric_value(after, "slora_adapters", state="resident") >= 1
     assert metric_value(after, "slora_adapter_loads_total") >= 2
+    # Two requests of 3 tokens: at least one prefill and two decode steps, timed.
+    assert delta("slora_steps_total", kind="prefill") >= 1 and delta("slora_steps_total", kind="decode") >= 2
+    assert delta("slora_step_seconds_total", kind="decode") > 0
+    assert "# TYPE slora_kernel_compiles_total counter" in after
     # Triton's own counters see the same model.
     assert metric_value(after, "nv_inference_request_success", model=MODEL) > 0
 

@@ -98,6 +98,13 @@ class _Metrics:
                                  fam.COUNTER)
         self.f_host_bytes = fam("slora_adapter_host_bytes", "Host memory of adapters read from "
                                 "disk (used) and its budget (budget, 0 = unlimited)", fam.GAUGE)
+        # Where the engine's time goes: prefill vs decode steps (mean = seconds / steps), and
+        # Triton kernel compiles after start-up (each one stalled a step; should stay 0).
+        self.f_step_seconds = fam("slora_step_seconds_total", "Engine step wall time, by kind "
+                                  "(prefill, decode)", fam.COUNTER)
+        self.f_steps = fam("slora_steps_total", "Engine steps, by kind (prefill, decode)", fam.COUNTER)
+        self.f_compiles = fam("slora_kernel_compiles_total", "Triton kernels compiled while serving "
+                              "(after start-up)", fam.COUNTER)
         self._labels = triton_io.AdapterLabels()
         self._per_adapter: dict[str, tuple] = {}
         self._lock = threading.Lock()  # execute() and the response thread both create metrics
@@ -114,6 +121,11 @@ class _Metrics:
                        for k in ("disk_to_host", "host_to_gpu")}
         self._last_stage = {k: (0.0, 0) for k in self.stages}
         self.host_bytes = {k: self.f_host_bytes.Metric(labels={"kind": k}) for k in ("used", "budget")}
+        self.step_metrics = {k: (self.f_step_seconds.Metric(labels={"kind": k}),
+                                 self.f_steps.Metric(labels={"kind": k})) for k in ("prefill", "decode")}
+        self._last_steps = {k: (0.0, 0) for k in self.step_metrics}
+        self.compiles = self.f_compiles.Metric(labels={})
+        self._last_compiles = 0
         self._last_loads = 0
         self._last_evictions = 0
 
@@ -159,6 +171,16 @@ class _Metrics:
                 self._last_stage[stage] = (total, count)
         self.host_bytes["used"].set(adapters["host_bytes"])
         self.host_bytes["budget"].set(adapters["host_budget_bytes"])
+        for kind, (seconds, steps) in self.step_metrics.items():
+            now = stats["step_time"][kind]
+            last_seconds, last_steps = self._last_steps[kind]
+            if now["steps"] > last_steps:
+                seconds.increment(now["seconds"] - last_seconds)
+                steps.increment(now["steps"] - last_steps)
+                self._last_steps[kind] = (now["seconds"], now["steps"])
+        if stats["kernel_compiles_while_serving"] > self._last_compiles:
+            self.compiles.increment(stats["kernel_compiles_while_serving"] - self._last_compiles)
+            self._last_compiles = stats["kernel_compiles_while_serving"]
 
 
 class TritonPythonModel:
@@ -182,6 +204,8 @@ class TritonPythonModel:
         params = triton_io.engine_parameters(model_config, REPO_ROOT)
         if os.environ.get("SLORA_TENSOR_PARALLEL_SIZE"):  # scripts/serve.sh --tp N
             params["tensor_parallel_size"] = os.environ["SLORA_TENSOR_PARALLEL_SIZE"]
+        if os.environ.get("SLORA_ENGINE_STALL_TIMEOUT_S"):  # tests: detect a hang in seconds
+            params["engine_stall_timeout_s"] = os.environ["SLORA_ENGINE_STALL_TIMEOUT_S"]
         self.log.log_info(f"slora: engine parameters {params}")
         self.engine = Engine(EngineConfig.from_parameters(params))
         self.model_name = args["model_name"]
@@ -259,7 +283,7 @@ class TritonPythonModel:
         elif command == "upload_adapter":
             result = self.engine.upload_adapter(name, *triton_io.parse_upload(get_input))
         elif command == "stats":  # the watchdog probes with it every second: not logged
-            result = {"alive": self.engine.is_alive(), **self.engine.stats()}
+            result = {"alive": self.engine.healthy(), **self.engine.stats()}
         else:
             result = self.engine.unload_adapter(name)
         if command != "stats":

@@ -1,0 +1,93 @@
+"""Kernel launches as values, and the key under which Triton compiles each one.
+
+Why this exists. Triton compiles a kernel once per distinct *key*: its constexprs, its launch
+options (warps, stages) and a specialisation of every other argument: an int equal to 1 or
+divisible by 16, a pointer 16-byte aligned or not, each gets its own binary. Decode steps
+replay CUDA graphs captured at start-up, but prefill steps run eagerly, and their LoRA ints
+change from step to step (how many adapters, the rank, how many row blocks) as do the
+offsets of the step-table views. Left specialised, every new combination compiled a new
+variant in the middle of serving: seconds during which no request moved.
+
+So the kernels declare those arguments unspecialised (`jit_options`), the engine compiles
+the finite set of variants left before it serves (`kernels/lora.py: warmup_calls`), and
+tests/test_kernel_variants.py checks with Triton's own binder (`cache_key`, no GPU needed)
+that random steps never need a key outside that set.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+import triton
+
+_JIT_PARAMS = inspect.signature(triton.jit).parameters
+
+
+def jit_options(*names: str) -> dict:
+    """triton.jit keyword arguments that leave `names` unspecialised: ints not special-cased
+    for 1 or for divisibility by 16, pointers not for 16-byte alignment."""
+    options = {"do_not_specialize": list(names)}
+    if "do_not_specialize_on_alignment" in _JIT_PARAMS:  # divisibility: Triton >= 3.3
+        options["do_not_specialize_on_alignment"] = list(names)
+    return options
+
+
+@dataclass
+class KernelCall:
+    """One launch: `kernel[grid](*args, **kwargs)`."""
+
+    kernel: Any  # a @triton.jit function (an InterpretedFunction under TRITON_INTERPRET=1)
+    grid: tuple
+    args: tuple
+    kwargs: dict = field(default_factory=dict)
+
+    def run(self) -> None:
+        self.kernel[self.grid](*self.args, **self.kwargs)
+
+
+_binders: dict = {}
+
+
+def cache_key(call: KernelCall, arch: int = 90) -> tuple:
+    """The key a CUDA device of compute capability `arch` would compile `call` under:
+    (kernel name, argument specialisations and constexprs, launch options).
+
+    Computed by Triton's own argument binder for that target, so it needs no GPU and works
+    under TRITON_INTERPRET=1 too (it rebuilds the compiled-mode function from the source).
+    """
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+
+    kernel = call.kernel
+    found = _binders.get((id(kernel), arch))
+    if found is None:
+        jit = kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn, **kernel.kwargs)
+        # One function may be compiled in two forms (lora_expand.py): name them apart.
+        name = jit.fn.__qualname__ + ("/unspecialised" if jit.do_not_specialize else "")
+        backend = make_backend(GPUTarget("cuda", arch, 32))
+        found = _binders[(id(kernel), arch)] = (name, create_function_from_signature(jit.signature, jit.params,
+                                                                                       backend))
+    name, binder = found
+    _, specialization, options = binder(*call.args, **call.kwargs)
+    return name, tuple(str(s) for s in specialization), tuple(sorted(options.items()))
+
+
+def compiled_variants() -> int:
+    """Kernel binaries compiled (or loaded from Triton's disk cache) by this process so far,
+    over every Triton kernel of this package: the engine reports the ones added while serving."""
+    import sys
+
+    from triton.runtime.jit import JITFunction
+
+    count = 0
+    for module_name, module in list(sys.modules.items()):
+        if not module_name.startswith("kernels.") or module is None:
+            continue
+        for value in vars(module).values():
+            if isinstance(value, JITFunction):
+                # device_caches: device -> (kernel cache, ...); the first item is the cache in 3.x
+                count += sum(len(entry[0]) for entry in value.device_caches.values())
+    return count
