@@ -8,6 +8,10 @@ one decode step is timed in parts: host preparation of the step's tables, the GP
 (CUDA events), and sampling. Also the same step with no LoRA. The floor is the bytes a step
 must read (all weights + the batch's KV + every distinct adapter once) over the measured
 device copy bandwidth.
+
+With --prefill-len P (default 256), also the cost of a prefill arriving while the B requests
+decode, as wall time (host and GPU, synchronised): one mixed step (the engine's default:
+decode rows ride in the prefill step) against a prefill step followed by a decode step.
 """
 
 from __future__ import annotations
@@ -112,6 +116,52 @@ def time_step(engine: Engine, reqs: list[Request], iters: int, graph: bool) -> d
             "forward_launch_s": statistics.median(launch), "sample_and_sync_s": statistics.median(samp)}
 
 
+def _sync(engine: Engine) -> None:
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_mixed(engine: Engine, reqs: list[Request], newcomer: Request, iters: int) -> dict:
+    """Median wall times of serving `newcomer`'s prefill while `reqs` decode: as one mixed step,
+    and as a prefill step then a decode step (graph replay when the engine has graphs)."""
+    mixed = ScheduledStep(prefill=True, requests=[newcomer, *reqs], decodes=len(reqs))
+    alone = ScheduledStep(prefill=True, requests=[newcomer])
+    decode = ScheduledStep(prefill=False, requests=reqs)
+
+    def run(step: ScheduledStep) -> None:
+        if not step.prefill and engine.graphs is not None:
+            logits = engine.graphs.run(step, engine.adapters)
+        else:
+            logits = engine.runner.forward(engine.runner.prepare(step, engine.adapters))
+        engine.sampler.sample(logits, step.requests)
+
+    out = {}
+    for label, steps in (("mixed_s", [mixed]), ("separate_s", [alone, decode])):
+        times = []
+        for i in range(iters + 2):
+            _sync(engine)
+            t0 = time.perf_counter()
+            for step in steps:
+                run(step)
+            _sync(engine)
+            if i >= 2:
+                times.append(time.perf_counter() - t0)
+        out[label] = statistics.median(times)
+    return out
+
+
+def newcomer_request(engine: Engine, length: int, adapter: str | None) -> Request:
+    rng = np.random.default_rng(1)
+    r = Request(prompt_ids=rng.integers(1, engine.spec.vocab, length).tolist(),
+                params=SamplingParams(max_tokens=8, ignore_eos=True), adapter=adapter, on_output=lambda o: None)
+    if adapter is not None:
+        assert engine.adapters.start_load(adapter)
+        engine.adapters.acquire(adapter)
+    r.kv_pages = PageList(engine.pool.alloc(2 * length, PageUse.KV))
+    r.status = Status.RUNNING
+    return r
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="dummy:llama-7b")
@@ -119,6 +169,7 @@ def main() -> int:
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--no-graphs", action="store_true")
+    ap.add_argument("--prefill-len", type=int, default=256, help="newcomer prompt for the mixed-step rows; 0: none")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -128,7 +179,7 @@ def main() -> int:
                                  max_batch_size=max(batches), cuda_graphs=not args.no_graphs))
     s, elt = engine.spec, engine.pool_tensor.element_size()
     ranks = (64, 32, 16, 8)
-    for i in range(max(batches)):
+    for i in range(max(batches) + 1):  # the last one is the newcomer's (--prefill-len)
         engine.register_adapter(random_adapter(f"a{i}", s, ranks[i % 4], QKVO, engine.dtype, seed=i,
                                                device="cuda", pin=True))
     weight_bytes = sum(t.numel() * t.element_size() for lw in engine.runner.w.layers
@@ -152,6 +203,17 @@ def main() -> int:
                 log.info("B=%3d %-10s prepare %.2fms forward(gpu) %.2fms sample+sync %.2fms floor %.2fms -> %.2fx",
                          b, label, 1e3 * t["prepare_s"], 1e3 * t["forward_gpu_s"], 1e3 * t["sample_and_sync_s"],
                          1e3 * floor, t["forward_gpu_s"] / floor)
+            if args.prefill_len > 0:  # a prefill arriving while these decode: mixed step vs two steps
+                reqs = make_requests(engine, b, args.ctx, names)
+                newcomer = newcomer_request(engine, args.prefill_len, None if label.startswith("base") else
+                                           f"a{max(batches)}")
+                t = time_mixed(engine, reqs, newcomer, args.iters)
+                release(engine, [*reqs, newcomer])
+                mode = f"{label.split('/')[0]}/prefill{args.prefill_len}+decode"
+                rows.append(dict(batch=b, mode=mode, ctx=args.ctx, **t,
+                                 mixed_over_separate=t["mixed_s"] / t["separate_s"]))
+                log.info("B=%3d %-10s mixed %.2fms, prefill step + decode step %.2fms (%.2fx)", b, mode,
+                         1e3 * t["mixed_s"], 1e3 * t["separate_s"], t["mixed_s"] / t["separate_s"])
     engine.shutdown()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -159,6 +221,10 @@ def main() -> int:
     (out / "decode_step.json").write_text(json.dumps(report, indent=2))
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s")
     for r in rows:
+        if "mixed_s" in r:
+            print(f"B={r['batch']:>4} {r['mode']:<10} mixed {1e3 * r['mixed_s']:6.2f}ms "
+                  f"separate {1e3 * r['separate_s']:6.2f}ms ratio {r['mixed_over_separate']:.2f}")
+            continue
         print(f"B={r['batch']:>4} {r['mode']:<10} prep {1e3 * r['prepare_s']:6.2f}ms "
               f"fwd {1e3 * r['forward_gpu_s']:6.2f}ms (launch {1e3 * r['forward_launch_s']:6.2f}ms) "
               f"sample {1e3 * r['sample_and_sync_s']:6.2f}ms floor {1e3 * r['floor_s']:6.2f}ms "

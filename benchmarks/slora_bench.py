@@ -128,6 +128,9 @@ def main() -> int:
                          "preemption quickly, which measures pool use at the first preemption")
     ap.add_argument("--no-mix", action="store_true",
                     help="separate prefill and decode steps (mix_decode_in_prefill=false): A/B of the mixing")
+    ap.add_argument("--ab-mix", action="store_true",
+                    help="run everything twice, the second time with separate prefill and decode steps "
+                         "(labels *_nomix, ratios against base_nomix): the mixing's A/B in one engine")
     ap.add_argument("--suffix", default="", help="appended to the result file's name")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
@@ -146,7 +149,10 @@ def main() -> int:
                "host_bytes_over_weight_bytes": host_ratio,
                "gpu_memory_used_fraction": 1 - free / total, "pool": engine.stats()["pool"]}
     runs = ([] if args.no_base else [("base", 0)]) + [(f"n{n}", n) for n in ns]
+    if args.ab_mix:
+        runs += [(f"{label}_nomix", n) for label, n in runs]
     for label, n in runs:
+        engine.scheduler.mix_decode = not (args.no_mix or label.endswith("_nomix"))
         spec = WorkloadSpec(n_adapters=max(n, 1), rate=args.rate, duration=args.duration, cv=args.cv,
                             alpha=args.alpha, input_range=(8, args.max_len), output_range=(8, args.max_len),
                             vocab=engine.spec.vocab, seed=7)
@@ -165,13 +171,18 @@ def main() -> int:
     results["pool_pages_used_at_first_preemption"] = engine.stats()["requests"]["pool_used_at_first_preemption"]
     if "base" in results["runs"]:
         base = results["runs"]["base"]["throughput_req_s"]
-        results["over_base"] = {k: v["throughput_req_s"] / base for k, v in results["runs"].items()}
+        results["over_base"] = {k: v["throughput_req_s"] / base for k, v in results["runs"].items()
+                                if not k.endswith("_nomix")}
+    if "base_nomix" in results["runs"]:
+        base = results["runs"]["base_nomix"]["throughput_req_s"]
+        results["over_base_nomix"] = {k: v["throughput_req_s"] / base for k, v in results["runs"].items()
+                                      if k.endswith("_nomix")}
     engine.shutdown()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"slora_{args.setting}_{args.targets}{args.suffix}.json"
     path.write_text(json.dumps(results, indent=2))
-    print(json.dumps({k: results.get(k) for k in ("device", "over_base")}, indent=1))
+    print(json.dumps({k: results.get(k) for k in ("device", "over_base", "over_base_nomix")}, indent=1))
     for label, r in results["runs"].items():
         print(f"{label:>7}: {r['throughput_req_s']:.2f} req/s {r['throughput_tok_s']:.0f} tok/s "
               f"lat {r['latency_avg']:.2f}s ftl {r['first_token_avg']:.2f}s slo {r['slo_attainment']:.2f} "

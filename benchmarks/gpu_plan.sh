@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The GPU measurements of issues 4 and 6, one part per device call (each under its 10-minute
+# limit), results under $OUT. The GPU image's python3 has torch, triton, transformers and peft;
+# nothing here needs tritonserver.
+#
+#   OUT=... bash benchmarks/gpu_plan.sh serving   # h200: bf16/fp16 parity (mixed steps, varlen
+#                                                 #   attention), S2 n=5/1000 with the mixing A/B (~7 min)
+#   OUT=... bash benchmarks/gpu_plan.sh s1        # h200: S1 n=5/2000, decode step vs floor (~6 min)
+#   OUT=... bash benchmarks/gpu_plan.sh kernels   # h200: LoRA kernel variants incl. the fused one (~9 min)
+#   OUT=... bash benchmarks/gpu_plan.sh tp        # h200-x2: tensor parallelism, Llama-13B S4 (~8 min)
+#
+# Then copy the JSON into benchmarks/results/ (suffix _h200 / tp_h200x2/), run
+# benchmarks/summarize.py, and write the numbers, command, device and date into BENCHMARKS.md.
+# In every serving JSON check extra.kernel_compiles == 0 first (kernels/launch.py), then
+# extra.prefill_ms_per_step / decode_ms_per_step: where the time went.
+set -euo pipefail
+usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
+part="${1:-}"
+case "$part" in serving|s1|kernels|tp) ;; *) usage; exit 2 ;; esac
+: "${OUT:?set OUT to the folder for the results}"
+cd "$(dirname "$0")/.."
+mkdir -p "$OUT"
+case "$part" in
+  serving)
+    python3 benchmarks/gpu_parity.py --out "$OUT"
+    python3 benchmarks/slora_bench.py --setting S2 --n 5,1000 --rate 30 --duration 15 --ab-mix --out "$OUT"
+    ;;
+  s1)
+    python3 benchmarks/slora_bench.py --setting S1 --n 5,2000 --rate 30 --duration 15 --out "$OUT"
+    python3 benchmarks/decode_step.py --batch 1,64,128,256 --ctx 512 --out "$OUT"
+    ;;
+  kernels)
+    timeout 560 python3 benchmarks/kernel_bench.py --variants --out "$OUT"
+    ;;
+  tp)
+    python3 benchmarks/tp_bench.py --out "$OUT/tp" --budget 470
+    ;;
+esac
