@@ -58,20 +58,24 @@ def copy_bandwidth() -> float:
     return bw
 
 
+def running_request(engine: Engine, prompt_ids: list[int], adapter: str | None, output_ids: list[int]) -> Request:
+    """A request set up as the scheduler would have it running: adapter resident and held,
+    KV pages for every token it has."""
+    r = Request(prompt_ids=prompt_ids, params=SamplingParams(max_tokens=8, ignore_eos=True), adapter=adapter,
+                on_output=lambda o: None)
+    r.output_ids = output_ids
+    if adapter is not None:
+        assert engine.adapters.start_load(adapter)
+        engine.adapters.acquire(adapter)
+    r.kv_pages = PageList(engine.pool.alloc(2 * r.seq_len, PageUse.KV))
+    r.status = Status.RUNNING
+    return r
+
+
 def make_requests(engine: Engine, batch: int, ctx: int, adapters: list[str | None]) -> list[Request]:
     rng = np.random.default_rng(0)
-    reqs = []
-    for i in range(batch):
-        name = adapters[i]
-        r = Request(prompt_ids=rng.integers(1, engine.spec.vocab, ctx - 1).tolist(),
-                    params=SamplingParams(max_tokens=8, ignore_eos=True), adapter=name, on_output=lambda o: None)
-        r.output_ids = [1]
-        if name is not None:
-            assert engine.adapters.start_load(name)
-            engine.adapters.acquire(name)
-        r.kv_pages = PageList(engine.pool.alloc(2 * ctx, PageUse.KV))
-        r.status = Status.RUNNING
-        reqs.append(r)
+    reqs = [running_request(engine, rng.integers(1, engine.spec.vocab, ctx - 1).tolist(), adapters[i], [1])
+            for i in range(batch)]
     if engine.device.type == "cuda":  # adapter copies done before timing (tp_decode_step.py also runs on CPU)
         torch.cuda.synchronize()
     return reqs
@@ -151,15 +155,9 @@ def time_mixed(engine: Engine, reqs: list[Request], newcomer: Request, iters: in
 
 
 def newcomer_request(engine: Engine, length: int, adapter: str | None) -> Request:
+    """A request about to be prefilled: `length` prompt tokens, nothing generated yet."""
     rng = np.random.default_rng(1)
-    r = Request(prompt_ids=rng.integers(1, engine.spec.vocab, length).tolist(),
-                params=SamplingParams(max_tokens=8, ignore_eos=True), adapter=adapter, on_output=lambda o: None)
-    if adapter is not None:
-        assert engine.adapters.start_load(adapter)
-        engine.adapters.acquire(adapter)
-    r.kv_pages = PageList(engine.pool.alloc(2 * length, PageUse.KV))
-    r.status = Status.RUNNING
-    return r
+    return running_request(engine, rng.integers(1, engine.spec.vocab, length).tolist(), adapter, [])
 
 
 def main() -> int:

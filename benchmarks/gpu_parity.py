@@ -48,6 +48,20 @@ def build_model(out: Path, kv_heads: int = 2) -> Path:
     return out
 
 
+def parity_setup(root: Path, new_tokens: int, kv_heads: int = 2):
+    """The model and adapters on disk under root, and the requests every parity run sends:
+    (model dir, adapter dir, prompts, adapter names, engine jobs)."""
+    model = build_model(root / "model", kv_heads=kv_heads)
+    for i, (name, kw) in enumerate(ADAPTERS.items()):
+        build_adapter(model, root / "adapters" / name, seed=100 + i, **kw)
+    g = torch.Generator().manual_seed(1)
+    names = [None, *ADAPTERS, None, "r12-all-rslora"]
+    prompts = [torch.randint(1, 380, (n,), generator=g).tolist() for n in (1, 7, 33, 64, 5, 120, 17, 48)]
+    jobs = [dict(prompt_ids=p, adapter=n, params=SamplingParams(max_tokens=new_tokens, ignore_eos=True))
+            for p, n in zip(prompts, names, strict=True)]
+    return model, root / "adapters", prompts, names, jobs
+
+
 def hf_logits(model_dir, adapter_dir, ids: list[int], start: int, dtype) -> torch.Tensor:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -110,23 +124,16 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=24)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    root = Path(tempfile.mkdtemp(prefix="gpu_parity_"))
-    model = build_model(root / "model")
-    for i, (name, kw) in enumerate(ADAPTERS.items()):
-        build_adapter(model, root / "adapters" / name, seed=100 + i, **kw)
-    g = torch.Generator().manual_seed(1)
-    names = [None, *ADAPTERS, None, "r12-all-rslora"]
-    prompts = [torch.randint(1, 380, (n,), generator=g).tolist() for n in (1, 7, 33, 64, 5, 120, 17, 48)]
-    jobs = [dict(prompt_ids=p, adapter=n, params=SamplingParams(max_tokens=args.new_tokens, ignore_eos=True))
-            for p, n in zip(prompts, names, strict=True)]
+    model, adapter_dir, prompts, names, jobs = parity_setup(Path(tempfile.mkdtemp(prefix="gpu_parity_")),
+                                                            args.new_tokens)
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": {}}
     ok = True
     for dtype_name, dtype in (("bfloat16", torch.bfloat16), ("float16", torch.float16)):
-        tokens, ours, counters = run_engine(model, root / "adapters", dtype_name, jobs)
+        tokens, ours, counters = run_engine(model, adapter_dir, dtype_name, jobs)
         rows = []
         for p, n, toks, our in zip(prompts, names, tokens, ours, strict=True):
             seq = p + toks[:-1]
-            ad = None if n is None else root / "adapters" / n
+            ad = None if n is None else adapter_dir / n
             ref32 = hf_logits(model, ad, seq, len(p) - 1, torch.float32)
             ref_dt = hf_logits(model, ad, seq, len(p) - 1, dtype)
             scale = ref32.abs().max().item()

@@ -87,13 +87,6 @@ def device_info() -> dict:
 
 
 # -- parity ------------------------------------------------------------------------------------
-def build_parity_model(out: Path) -> Path:
-    """gpu_parity.py's model with 4 KV heads, so that TP=2 (and 4) divides them."""
-    from gpu_parity import build_model
-
-    return build_model(out, kv_heads=4)
-
-
 def run_recorded(config, jobs) -> tuple[list[list[int]], list]:
     """Greedy tokens of every job and the logits of each of its steps (rank 0's sampler)."""
     import torch
@@ -146,27 +139,20 @@ def hf_logits(model_dir, adapter_dir, ids: list[int], start: int, dtype, device)
 
 def phase_parity(args) -> dict:
     import torch
-    from tiny_model import PARITY_ADAPTERS, build_adapter
+    from gpu_parity import parity_setup
 
     from slora_backend.config import EngineConfig
-    from slora_backend.request import SamplingParams
 
     cuda = torch.cuda.is_available()
     dtype_name, dtype = ("bfloat16", torch.bfloat16) if cuda else ("float32", torch.float32)
-    root = Path(tempfile.mkdtemp(prefix="tp_parity_"))
-    model = build_parity_model(root / "model")
-    for i, (name, kw) in enumerate(PARITY_ADAPTERS.items()):
-        build_adapter(model, root / "adapters" / name, seed=100 + i, **kw)
-    g = torch.Generator().manual_seed(1)
-    names = [None, *PARITY_ADAPTERS, None, "r12-all-rslora"]
-    prompts = [torch.randint(1, 380, (n,), generator=g).tolist() for n in (1, 7, 33, 64, 5, 120, 17, 48)]
-    jobs = [dict(prompt_ids=p, adapter=n, params=SamplingParams(max_tokens=args.parity_tokens, ignore_eos=True))
-            for p, n in zip(prompts, names, strict=True)]
+    # gpu_parity.py's model with 4 KV heads, so that TP=2 (and 4) divides them.
+    model, adapter_dir, prompts, names, jobs = parity_setup(Path(tempfile.mkdtemp(prefix="tp_parity_")),
+                                                            args.parity_tokens, kv_heads=4)
     runs = {}
     for tp in (1, args.tp):
         t0 = time.monotonic()
         timer = watchdog(args.startup_timeout, f"parity with TP={tp}")
-        cfg = EngineConfig(model_dir=str(model), adapter_dir=str(root / "adapters"), dtype=dtype_name,
+        cfg = EngineConfig(model_dir=str(model), adapter_dir=str(adapter_dir), dtype=dtype_name,
                            pool_pages=20000, max_batch_size=16, tensor_parallel_size=tp,
                            cuda_graphs=not args.no_graphs)
         runs[tp] = run_recorded(cfg, jobs)
@@ -180,7 +166,7 @@ def phase_parity(args) -> dict:
         upto = min(same + 1, len(t1))  # steps whose inputs were identical in both runs
         rel = ((ln[:upto] - l1[:upto]).abs().max() / l1[:upto].abs().max()).item()
         worst = max(worst, rel)
-        ad = None if n is None else root / "adapters" / n
+        ad = None if n is None else adapter_dir / n
         seq = p + tn[:-1]
         ref32 = hf_logits(model, ad, seq, len(p) - 1, torch.float32, device)
         ref_dt = hf_logits(model, ad, seq, len(p) - 1, dtype, device)

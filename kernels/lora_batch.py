@@ -27,7 +27,7 @@ class LoraBatch:
     b_starts: Tensor     # (7, A) int32: offset into page_ids of module m's B^T rows
     page_ids: Tensor     # (total,) int32
     max_rank: int        # largest rank in the step (host int)
-    max_seg_len: int     # longest segment (host int): 1 in a pure decode step
+    max_seg_len: int     # bound on segment length (host int): 1 in graph decode; eager steps use >= 5 (MBGMM)
     modules: int = ALL_MODULES  # host bitmask: modules some adapter of the step targets
     # Launch configurations already chosen for this step, by projection shape (kernels/lora.py:
     # step_config): every layer asks the same question, and an eager step asks it ~64 times.

@@ -130,7 +130,7 @@ class Server:
     def remember_regions(self) -> None:
         """Note its shared-memory regions now: once it is dead, /proc no longer tells."""
         if self.alive():
-            self.regions |= _shm_regions([self.proc.pid, *_descendants(self.proc.pid)])
+            self.regions |= _shm_regions([self.proc.pid, *descendants(self.proc.pid)])
 
     def stop(self, grace: float) -> int | None:
         """SIGTERM, SIGKILL after `grace` s (a tritonserver with a dead stub may ignore
@@ -139,7 +139,7 @@ class Server:
         proc = self.proc
         if proc is None:
             return None
-        stubs = _descendants(proc.pid)
+        stubs = descendants(proc.pid)
         regions = self.regions | _shm_regions([proc.pid, *stubs])
         self.regions = set()
         if proc.poll() is None:
@@ -173,7 +173,7 @@ def _shm_regions(pids: list[int]) -> set[str]:
     return out
 
 
-def _descendants(pid: int) -> list[int]:
+def descendants(pid: int) -> list[int]:
     """Child processes of pid, recursively (the Python-backend stubs of a tritonserver)."""
     parents: dict[int, int] = {}
     for entry in os.listdir("/proc"):

@@ -11,6 +11,7 @@ a vanished streaming client has been seen ignoring SIGTERM).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import signal
@@ -272,20 +273,20 @@ class ServeScript:
         self.stop()
 
 
+@functools.cache
+def _watchdog():
+    """scripts/watchdog.py as a module (a script, not a package: loaded by path)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("slora_watchdog", REPO_ROOT / "scripts" / "watchdog.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def process_tree(pid: int) -> list[int]:
-    """pid and its descendants (tritonserver -> Python-backend stubs)."""
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                with open(f"/proc/{entry}/stat") as f:
-                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
-    out, todo = [], [pid]
-    while todo:
-        parent = todo.pop()
-        out.append(parent)
-        todo += [p for p, pp in parents.items() if pp == parent]
-    return out
+    """pid and its descendants (tritonserver -> Python-backend stubs), walked as the watchdog does."""
+    return [pid, *_watchdog().descendants(pid)]
 
 
 def process_name(pid: int) -> str:
