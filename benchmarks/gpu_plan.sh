@@ -13,26 +13,39 @@
 # benchmarks/summarize.py, and write the numbers, command, device and date into BENCHMARKS.md.
 # In every serving JSON check extra.kernel_compiles == 0 first (kernels/launch.py), then
 # extra.prefill_ms_per_step / decode_ms_per_step: where the time went.
-set -euo pipefail
+set -uo pipefail
 usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
 part="${1:-}"
 case "$part" in serving|s1|kernels|tp) ;; *) usage; exit 2 ;; esac
 : "${OUT:?set OUT to the folder for the results}"
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
+failed=0
+# One step: its own time limit, its log beside the results; a failing step does not stop the
+# others (each device call is too dear to lose the rest of it to one failure).
+step() {
+  local limit=$1 name=$2; shift 2
+  echo "=== $name: $*"
+  local t0=$SECONDS
+  timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log" | tail -n 25
+  local rc=${PIPESTATUS[0]}
+  echo "=== $name: rc=$rc in $((SECONDS - t0)) s"
+  [ "$rc" = 0 ] || failed=1
+}
 case "$part" in
   serving)
-    python3 benchmarks/gpu_parity.py --out "$OUT"
-    python3 benchmarks/slora_bench.py --setting S2 --n 5,1000 --rate 30 --duration 15 --ab-mix --out "$OUT"
+    step 150 gpu_parity python3 benchmarks/gpu_parity.py --out "$OUT"
+    step 400 slora_s2 python3 benchmarks/slora_bench.py --setting S2 --n 5,1000 --rate 30 --duration 15 --ab-mix --out "$OUT"
     ;;
   s1)
-    python3 benchmarks/slora_bench.py --setting S1 --n 5,2000 --rate 30 --duration 15 --out "$OUT"
-    python3 benchmarks/decode_step.py --batch 1,64,128,256 --ctx 512 --out "$OUT"
+    step 330 slora_s1 python3 benchmarks/slora_bench.py --setting S1 --n 5,2000 --rate 30 --duration 15 --out "$OUT"
+    step 220 decode_step python3 benchmarks/decode_step.py --batch 1,64,128,256 --ctx 512 --out "$OUT"
     ;;
   kernels)
-    timeout 560 python3 benchmarks/kernel_bench.py --variants --out "$OUT"
+    step 560 kernel_bench python3 benchmarks/kernel_bench.py --variants --out "$OUT"
     ;;
   tp)
-    python3 benchmarks/tp_bench.py --out "$OUT/tp" --budget 470
+    step 560 tp_bench python3 benchmarks/tp_bench.py --out "$OUT/tp" --budget 470
     ;;
 esac
+exit $failed

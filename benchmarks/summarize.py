@@ -42,6 +42,10 @@ def main() -> int:
     peft = load(results, "peft_baseline_S2_n100.json")
     # A run with a small pool (slora_bench.py --pool-gb) that reaches preemption quickly.
     preempt = load(results, "slora_S2_qkvo_preempt_h200.json")
+    # Our S2 n=100 run for the PEFT ratio: the current S2 run if it has one, else the earlier
+    # run that did (slora_S2_qkvo_h200_v1.json: before the eager-step rework).
+    s2_n100 = next((r for r in (s2, load(results, "slora_S2_qkvo_h200_v1.json")) if r and "n100" in r["runs"]),
+                   None)
     floor_ratio = None
     if step:
         graph_rows = [r for r in step["rows"] if r["batch"] >= 64 and r["mode"] == "lora/graph"]
@@ -53,8 +57,8 @@ def main() -> int:
         "s1_n5_to_n2000_loss": loss(s1, "n5", "n2000"),
         "s2_n5_to_n1000_loss": loss(s2, "n5", "n1000"),
         "decode_step_over_floor": floor_ratio,
-        "over_peft_n100": (s2["runs"]["n100"]["throughput_req_s"] / peft["throughput_req_s"]
-                           if peft and s2 and "n100" in s2["runs"] else None),
+        "over_peft_n100": (s2_n100["runs"]["n100"]["throughput_req_s"] / peft["throughput_req_s"]
+                           if peft and s2_n100 else None),
         "server_over_inprocess": server.get("server_over_inprocess") if server else None,
         "lora_decode_kernel_bw_fraction": kern.get("lora_decode_kernel_bw_fraction") if kern else None,
         "lora_prefill_kernel_bw_fraction": kern.get("lora_prefill_kernel_bw_fraction") if kern else None,

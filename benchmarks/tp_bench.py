@@ -357,8 +357,13 @@ def main() -> int:
     ap.add_argument("--setting", default="S4", choices=sorted(SETTINGS))
     ap.add_argument("--targets", default="qkvo", choices=["qkvo", "all"])
     ap.add_argument("--n", type=int, default=100, help="adapters")
-    ap.add_argument("--rate", type=float, default=20.0, help="request rate (meant to saturate TP=2 on 13B)")
-    ap.add_argument("--duration", type=float, default=25.0, help="seconds of arrivals per run")
+    # The rate must saturate TP=N, or the 1 -> N scaling is capped at rate / TP=1 throughput: at
+    # 20 req/s (the first default) TP=2 on 13B nearly kept up with the arrivals (first token 0.08 s
+    # without LoRA, 1.3 s with) and the run's length was set by the trace, not the engine: 14.3
+    # req/s against TP=1's 12.6, where 1.7x would need 21. 40 req/s over 15 s: about as many
+    # requests as before, arriving twice as fast.
+    ap.add_argument("--rate", type=float, default=40.0, help="request rate (must saturate TP=N)")
+    ap.add_argument("--duration", type=float, default=15.0, help="seconds of arrivals per run")
     ap.add_argument("--warmup", type=float, default=4.0, help="seconds of warm-up arrivals (short outputs)")
     ap.add_argument("--deadline-factor", type=float, default=3.5, help="cancel what is left after this x duration")
     ap.add_argument("--max-len", type=int, default=512, help="upper end of input/output lengths")

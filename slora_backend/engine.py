@@ -154,6 +154,8 @@ class Engine:
             forwards = self.runner.warm_up_eager(rank_buckets(config.max_rank))
             log.info("eager-step kernels ready (%d warm-up forwards) in %.1fs", forwards, time.monotonic() - t1)
         self._variants_at_start = compiled_variants()
+        if self.tp is not None:  # workers count their own compiles from here (tp_worker.py)
+            self.tp.send(("serving",))
         self._adapter_lock = threading.Lock()  # host registry is filled from caller threads
         self._unloaded: set[str] = set()  # refused for new requests until loaded again
         self.requests_served: dict[str, int] = {}  # finished requests per adapter

@@ -266,7 +266,9 @@ def pack_step(inp) -> tuple[tuple, torch.Tensor]:
                      lora.max_seg_len, lora.modules)
         parts += [lora.seg_starts, lora.seg_adapter, lora.ranks, lora.a_starts, lora.b_starts,
                   lora.scales.contiguous().view(torch.int32), lora.page_ids]
-    payload = torch.cat([p.reshape(-1).to(torch.int32) for p in parts])
+    flat = [p.reshape(-1).to(torch.int32) for p in parts]
+    pads = [torch.zeros(_aligned(f.numel()) - f.numel(), dtype=torch.int32, device=f.device) for f in flat]
+    payload = torch.cat([t for pair in zip(flat, pads, strict=True) for t in pair])
     header = (inp.prefill, inp.input_ids.shape[0], inp.last_rows.shape[0], list(inp.seq_bounds), n_dec, max_len,
               lora_meta)
     return header, payload
@@ -283,8 +285,20 @@ def _payload_sizes(header: tuple) -> list[int]:
     return sizes
 
 
+# Each part starts on a 16-byte boundary of the payload. The worker's kernels read the parts
+# in place, and Triton compiles a pointer argument that is 16-byte aligned and one that is not
+# as two different binaries (kernels/launch.py): unaligned views would change from step to
+# step with the parts' sizes, and each new combination compiled on the worker in the middle of
+# serving while rank 0 waited in the next collective.
+PART_ALIGN = 4  # int32 elements
+
+
+def _aligned(n: int) -> int:
+    return -(-n // PART_ALIGN) * PART_ALIGN
+
+
 def payload_size(header: tuple) -> int:
-    return sum(_payload_sizes(header))
+    return sum(_aligned(n) for n in _payload_sizes(header))
 
 
 def unpack_step(header: tuple, payload: torch.Tensor):
@@ -292,7 +306,9 @@ def unpack_step(header: tuple, payload: torch.Tensor):
     from .model_runner import StepInputs
 
     prefill, n_rows, batch, bounds, n_dec, max_len, lora_meta = header
-    chunks = iter(payload.split(_payload_sizes(header)))
+    sizes = _payload_sizes(header)
+    padded = payload.split([_aligned(n) for n in sizes])
+    chunks = iter(part[:n] for part, n in zip(padded, sizes, strict=True))
 
     def take_long():
         return next(chunks).long()

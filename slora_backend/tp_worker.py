@@ -33,6 +33,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from kernels.launch import compiled_variants
+
 from .checkpoint import ModelSpec
 from .tensor_parallel import TPGroup, check_tp, local_spec, pack_step, payload_size, pool_capacity, unpack_step
 
@@ -367,11 +369,23 @@ class _Worker:
 
         attach_tp_graphs(self.runner, config, use_graphs, pages)
         self.adapters = WorkerAdapters(config, spec, dtype, rank, pool_tensor)
+        self._variants = None  # kernel variants compiled when rank 0 started serving
         status.send(("ready",))
 
     def _next(self) -> tuple:
         msg = self.cmd.recv()
         return msg[0], *msg[1:]
+
+    def _check_compiles(self) -> None:
+        """Say so when this rank compiles a kernel variant while serving: rank 0 waits for it in
+        the next collective (rank 0's own count is in Engine.stats)."""
+        if self._variants is None:
+            return
+        now = compiled_variants()
+        if now > self._variants:
+            log.warning("tensor-parallel worker %d compiled %d kernel variant(s) while serving (%d in all)",
+                        self.rank, now - self._variants, now)
+            self._variants = now
 
     def serve(self) -> None:
         while True:
@@ -382,10 +396,13 @@ class _Worker:
                 payload = torch.empty(payload_size(header), dtype=torch.int32, device=self.device)
                 dist.broadcast(payload, 0)
                 self.runner.forward(unpack_step(header, payload))
+                self._check_compiles()
             elif kind == "load":
                 self.adapters.load(*msg[1:])
             elif kind == "forget":
                 self.adapters.forget(msg[1])
+            elif kind == "serving":
+                self._variants = compiled_variants()
             elif kind == "stop":
                 return
             else:

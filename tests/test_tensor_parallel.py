@@ -210,6 +210,20 @@ def test_step_inputs_survive_packing():
     for field in ("seg_starts", "seg_adapter", "ranks", "scales", "a_starts", "b_starts", "page_ids"):
         assert torch.equal(getattr(out.lora, field), getattr(lora, field)), field
     assert (out.lora.max_rank, out.lora.max_seg_len, out.prefill) == (5, 2, False)
+    assert_parts_aligned(out)
+
+
+def assert_parts_aligned(inp) -> None:
+    """Every tensor the worker's kernels read starts on a 16-byte boundary, whatever the parts'
+    sizes: Triton compiles aligned and unaligned pointers as different kernel variants, so
+    misaligned views would compile new variants on the worker while serving."""
+    tensors = {f: getattr(inp, f) for f in ("input_ids", "positions", "k_pages", "v_pages", "last_rows",
+                                             "kv_table", "seq_lens")}
+    if inp.lora is not None:
+        tensors |= {f"lora.{f}": getattr(inp.lora, f) for f in ("seg_starts", "seg_adapter", "ranks", "scales",
+                                                               "a_starts", "b_starts", "page_ids")}
+    misaligned = [name for name, t in tensors.items() if t is not None and t.data_ptr() % 16]
+    assert not misaligned, misaligned
 
 
 def test_mixed_step_inputs_survive_packing():
@@ -225,6 +239,7 @@ def test_mixed_step_inputs_survive_packing():
     for field in ("input_ids", "positions", "k_pages", "v_pages", "last_rows", "kv_table", "seq_lens"):
         assert torch.equal(getattr(out, field), getattr(inp, field)), field
     assert out.prefill and out.seq_bounds == [0, 3] and out.lora is None
+    assert_parts_aligned(out)
 
 
 # -- the engine with 2 processes ------------------------------------------------------------------
