@@ -5,18 +5,27 @@
 #
 #   OUT=... bash benchmarks/gpu_plan.sh serving   # h200: bf16/fp16 parity (mixed steps, varlen
 #                                                 #   attention), S2 n=5/1000 with the mixing A/B (~7 min)
-#   OUT=... bash benchmarks/gpu_plan.sh s1        # h200: S1 n=5/2000, decode step vs floor (~6 min)
-#   OUT=... bash benchmarks/gpu_plan.sh kernels   # h200: LoRA kernel variants incl. the fused one (~9 min)
-#   OUT=... bash benchmarks/gpu_plan.sh tp        # h200-x2: tensor parallelism, Llama-13B S4 (~8 min)
+#   OUT=... bash benchmarks/gpu_plan.sh s1        # h200: S1 n=5/2000, decode step vs floor, a
+#                                                 #   prefill-step profile (~5 min)
+#   OUT=... bash benchmarks/gpu_plan.sh kernels   # h200: kernel table, then the prefill sweep (~5 min)
+#   OUT=... bash benchmarks/gpu_plan.sh tp        # h200-x2: TP parity, TP=2 with/without LoRA collectives,
+#                                                 #   Llama-13B S4 at a saturating 40 req/s (~8 min)
+#   OUT=... bash benchmarks/gpu_plan.sh tp1       # h200-x2: TP=1 on the same trace (scaling), then a
+#                                                 #   TP=2/TP=1 prefill-step profile (~5 min)
+#   OUT=... bash benchmarks/gpu_plan.sh tp4       # h200-x4: Llama-30B S5 on 4 GPUs, with/without LoRA
+#                                                 #   collectives (~8 min)
+#
+# A fresh machine matters for the compile checks: Triton's disk cache hides compiles on a
+# machine that has already run the same kernels (BENCHMARKS.md item 13).
 #
 # Then copy the JSON into benchmarks/results/ (suffix _h200 / tp_h200x2/), run
 # benchmarks/summarize.py, and write the numbers, command, device and date into BENCHMARKS.md.
 # In every serving JSON check extra.kernel_compiles == 0 first (kernels/launch.py), then
 # extra.prefill_ms_per_step / decode_ms_per_step: where the time went.
 set -uo pipefail
-usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; }
 part="${1:-}"
-case "$part" in serving|s1|kernels|tp) ;; *) usage; exit 2 ;; esac
+case "$part" in serving|s1|kernels|tp|tp1|tp4) ;; *) usage; exit 2 ;; esac
 : "${OUT:?set OUT to the folder for the results}"
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
@@ -40,12 +49,24 @@ case "$part" in
   s1)
     step 330 slora_s1 python3 benchmarks/slora_bench.py --setting S1 --n 5,2000 --rate 30 --duration 15 --out "$OUT"
     step 220 decode_step python3 benchmarks/decode_step.py --batch 1,64,128,256 --ctx 512 --out "$OUT"
+    # Where a single-GPU prefill step's time goes (host enqueue against device), S2 ranks.
+    step 150 prefill_profile python3 benchmarks/tp_profile.py --out "$OUT" --tp 1 --model dummy:llama-7b \
+      --ranks 64,32,16,8
     ;;
   kernels)
-    step 560 kernel_bench python3 benchmarks/kernel_bench.py --variants --out "$OUT"
+    step 200 kernel_bench python3 benchmarks/kernel_bench.py --out "$OUT"
+    step 340 kernel_sweep python3 benchmarks/kernel_bench.py --sweep --out "$OUT"
     ;;
   tp)
-    step 560 tp_bench python3 benchmarks/tp_bench.py --out "$OUT/tp" --budget 470
+    step 560 tp_bench python3 benchmarks/tp_bench.py --out "$OUT/tp" --phases parity,tp,tp_skip --budget 540
+    ;;
+  tp1)
+    step 300 tp_bench_tp1 python3 benchmarks/tp_bench.py --out "$OUT/tp" --phases tp1 --budget 290
+    step 240 tp_profile python3 benchmarks/tp_profile.py --out "$OUT" --tp 2,1
+    ;;
+  tp4)
+    step 560 tp_bench python3 benchmarks/tp_bench.py --out "$OUT/tp4" --tp 4 --model dummy:llama-30b --setting S5 \
+      --phases tp,tp_skip --budget 540
     ;;
 esac
 exit $failed

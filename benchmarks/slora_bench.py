@@ -41,7 +41,9 @@ def run_counters(before: dict, after: dict) -> dict:
            "preemptions": after["requests"]["preemptions"] - before["requests"]["preemptions"],
            "steps": after["steps"] - before["steps"],
            "mixed_steps": after["mixed_steps"] - before["mixed_steps"],
-           "kernel_compiles": after["kernel_compiles_while_serving"] - before["kernel_compiles_while_serving"]}
+           "kernel_compiles": after["kernel_compiles_while_serving"] - before["kernel_compiles_while_serving"],
+           # Variants this process holds: > 0 on a GPU shows the compile counter sees Triton's caches.
+           "kernel_variants": after["kernel_variants"]}
     for kind, now in after["step_time"].items():
         was = before["step_time"][kind]
         steps = now["steps"] - was["steps"]

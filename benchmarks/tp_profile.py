@@ -1,6 +1,6 @@
 """Where a tensor-parallel prefill step's time goes: rank 0's host and device view.
 
-    python benchmarks/tp_profile.py --out results_dir                 # TP=2 and TP=1, Llama-13B, S4
+    python benchmarks/tp_profile.py --out results_dir                 # TP=2 and TP=1 (a process each), Llama-13B, S4
     python benchmarks/tp_profile.py --model dummy:tiny --tp 2,1 --tokens 64 --out /tmp/p   # CPU (gloo)
 
 For each TP size: an engine (dummy weights and adapters, eager steps), then bursts of
@@ -18,6 +18,7 @@ import argparse
 import json
 import logging
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -202,9 +203,29 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {"date": time.strftime("%Y-%m-%d"), "args": {k: v for k, v in vars(args).items()}, "runs": []}
-    for tp in (int(x) for x in args.tp.split(",")):
-        results["runs"].append(profile_tp(args, tp))
-        (out / "tp_profile.json").write_text(json.dumps(results, indent=1))
+    sizes = [int(x) for x in args.tp.split(",")]
+    if len(sizes) == 1:
+        results["runs"].append(profile_tp(args, sizes[0]))
+    else:
+        # One process per TP size: an engine's GPU memory is only fully returned when its
+        # process exits (a TP=1 engine after a TP=2 one in the same process ran out of memory).
+        for tp in sizes:
+            part = out / f"tp{tp}"
+            argv = [a for a in sys.argv[1:]]
+            for flag, value in (("--tp", str(tp)), ("--out", str(part))):
+                if flag in argv:
+                    argv[argv.index(flag) + 1] = value
+                else:
+                    argv += [flag, value]
+            rc = subprocess.call([sys.executable, str(Path(__file__).resolve()), *argv])
+            found = part / "tp_profile.json"
+            if rc != 0 or not found.is_file():
+                log.error("TP=%d profile failed (exit %d)", tp, rc)
+                results["runs"].append({"tp": tp, "error": f"exit {rc}"})
+            else:
+                results["runs"].extend(json.loads(found.read_text())["runs"])
+            (out / "tp_profile.json").write_text(json.dumps(results, indent=1))
+    (out / "tp_profile.json").write_text(json.dumps(results, indent=1))
     for r in results["runs"]:
         print(f"TP={r['tp']}: " + ", ".join(
             f"{k} {r[k]['ms_per_step']:.1f} ms/step ({r[k]['tokens_per_step']:.0f} tok, "

@@ -138,3 +138,46 @@ def test_write_kv_into_layer_view():
     assert torch.equal(pool[1, 5], k[0]) and torch.equal(pool[1, 2], v[1])
     assert torch.equal(pool[1, 1], k[1]) and torch.equal(pool[1, 6], v[0])
     assert pool[0].abs().sum() == 0 and pool[2].abs().sum() == 0
+
+
+def test_varlen_prefill_attention_copies_bounds_once_per_step():
+    """The varlen prefill path (GPU only) makes the bounds' device copy once per step and a
+    new one when the next step's bounds differ. torch's varlen kernel is replaced here by a
+    per-request SDPA reading the same cu_seqlens, so a stale copy gives wrong rows."""
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+
+    from slora_backend.model_runner import ModelRunner
+
+    heads, kv_heads, dim = 4, 2, 8
+    copies = []
+
+    def varlen(q, k, v, cu, longest, scale, group):
+        copies.append(cu)
+        out = torch.empty_like(q)
+        bounds = cu.tolist()
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+            ki = k[a:b].repeat_interleave(group, dim=1).transpose(0, 1)
+            vi = v[a:b].repeat_interleave(group, dim=1).transpose(0, 1)
+            oi = F.scaled_dot_product_attention(q[a:b].transpose(0, 1), ki, vi, is_causal=True, scale=scale)
+            out[a:b] = oi.transpose(0, 1)
+        return out
+
+    runner = SimpleNamespace(_varlen=varlen, _varlen_bounds=None, sm_scale=dim**-0.5,
+                             spec=SimpleNamespace(heads=heads, kv_heads=kv_heads))
+    gen = torch.Generator().manual_seed(0)
+    for bounds in ([0, 3, 7, 8], [0, 3, 7, 8], [0, 5, 8], [0, 1, 2, 8]):  # step 2 repeats step 1's bounds
+        q = torch.randn(8, heads, dim, generator=gen)
+        k = torch.randn(8, kv_heads, dim, generator=gen)
+        v = torch.randn(8, kv_heads, dim, generator=gen)
+        for _ in range(3):  # layers of one step
+            got = ModelRunner._varlen_attention(runner, q, k, v, list(bounds))
+            assert copies[-1].tolist() == bounds
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+            want = F.scaled_dot_product_attention(
+                q[a:b].transpose(0, 1), k[a:b].repeat_interleave(2, dim=1).transpose(0, 1),
+                v[a:b].repeat_interleave(2, dim=1).transpose(0, 1), is_causal=True, scale=dim**-0.5)
+            torch.testing.assert_close(got[a:b], want.transpose(0, 1))
+    # One device copy per distinct run of bounds: steps 1-2 share one, 3 and 4 one each.
+    assert len({id(c) for c in copies}) == 3
