@@ -98,7 +98,7 @@ def _page_ids(sizes: list[int], seed: int) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("n", [2, 3])
+@pytest.mark.parametrize("n", [2, 3, 4])
 @pytest.mark.parametrize("segments", ["decode", "prefill", "rank1"])
 def test_sharded_lora_delta_equals_unsharded(backend, n, segments):
     full = [_full_adapter(f"a{i}", r, t, seed=i) for i, (r, t) in enumerate(ADAPTERS)]
@@ -425,3 +425,32 @@ def test_triton_serves_with_two_processes(setup, tmp_path):
                 break
             time.sleep(0.2)
         assert "error" in got and ("not running" in got["error"] or "worker 1" in got["error"]), got
+
+
+def test_four_processes_give_the_tokens_of_one(tmp_path):
+    """Any N dividing the head counts: 4 ranks over 8 heads / 4 KV heads (one KV head each),
+    the parity adapters' ranks 1..64 split 4 ways (ceil(r/4) shrink rows, padded), base and
+    adapter requests in one batch, arriving while others decode."""
+    model = build_tiny_model(tmp_path / "model", heads=8, kv_heads=4, seed=3)
+    for i, (name, kw) in enumerate(PARITY_ADAPTERS.items()):
+        build_adapter(model, tmp_path / "adapters" / name, seed=200 + i, **kw)
+    rng = random.Random(12)
+    names = [None, *PARITY_ADAPTERS]
+    jobs = [dict(prompt_ids=[rng.randrange(1, 380) for _ in range(n)], adapter=name, params=greedy(NEW_TOKENS))
+            for n, name in zip((4, 11, 2, 7, 15, 6), names, strict=True)]
+    config = dict(model_dir=str(model), adapter_dir=str(tmp_path / "adapters"), pool_pages=3000)
+    single = Engine(EngineConfig(**config))
+    try:
+        want = [tokens_of(outs) for outs in run_batch(single, jobs)]
+    finally:
+        single.shutdown()
+    engine = Engine(EngineConfig(**config, tensor_parallel_size=4))
+    try:
+        assert engine.pool_tensor.shape[-1] * 4 == engine.spec.page_width
+        results = run_staggered(engine, jobs[:2], jobs[2:], timeout=180)
+        for i, outs in enumerate(results):
+            assert outs[-1].error is None, outs[-1].error
+            assert tokens_of(outs) == want[i], f"request {i} adapter {jobs[i]['adapter']}"
+    finally:
+        engine.shutdown()
+    assert len(engine.tp.procs) == 3 and all(not p.is_alive() for p in engine.tp.procs)

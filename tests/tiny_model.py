@@ -69,6 +69,8 @@ def build_tiny_model(
     tie_embeddings: bool = False,
     head_dim: int | None = None,
     seed: int = 0,
+    heads: int = 4,
+    kv_heads: int = 2,
 ) -> Path:
     """Write a tiny random GQA Llama (hidden 64, 2 layers, 4 heads, 2 KV heads) + tokenizer.
 
@@ -87,8 +89,8 @@ def build_tiny_model(
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
         head_dim=head_dim if head_dim is not None else 16,
         max_position_embeddings=256,
         rope_theta=10000.0,
