@@ -41,11 +41,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-# NVLink multicast stays off on the shared GPU hosts (the device notes); phases and the
-# workers they spawn inherit these.
-for _key, _value in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
-                     ("NVSHMEM_DISABLE_NVLS", "1")):
-    os.environ.setdefault(_key, _value)
+
+
+def nvlink_multicast_off() -> None:
+    """NVLink multicast stays off on the shared GPU hosts (the device notes) unless the
+    environment says otherwise; child processes and the workers they spawn inherit it."""
+    for key, value in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
+                       ("NVSHMEM_DISABLE_NVLS", "1")):
+        os.environ.setdefault(key, value)
+
+
+nvlink_multicast_off()
 sys.path.insert(0, str(ROOT / "tests"))
 
 log = logging.getLogger("tp_bench")
@@ -186,7 +192,7 @@ def phase_parity(args) -> dict:
 def phase_workload(args, tp: int, skip: bool, runs: list[str]) -> dict:
     import torch
 
-    from benchmarks.slora_bench import replay, run_counters
+    from benchmarks.slora_bench import replay, run_counters, warm_up
     from client.workload import WorkloadSpec, make_trace, summarize
     from slora_backend.config import EngineConfig
     from slora_backend.engine import Engine
@@ -209,13 +215,9 @@ def phase_workload(args, tp: int, skip: bool, runs: list[str]) -> dict:
         out["gpu0_memory_used_fraction"] = 1 - free / total
     try:
         if args.warmup > 0:  # compile the prefill kernel variants and warm NCCL outside the measured runs
-            spec = WorkloadSpec(n_adapters=args.n, rate=args.rate, duration=args.warmup, input_range=(8, args.max_len),
-                                output_range=(8, 16), vocab=engine.spec.vocab, seed=99)
             timer = watchdog(args.startup_timeout, "the warm-up")
-            t1 = time.monotonic()
-            replay(engine, make_trace(spec), drop_adapters=False, deadline=args.startup_timeout)
+            out["warmup_s"] = warm_up(engine, args.n, args.rate, args.warmup, args.max_len, args.startup_timeout)
             timer.cancel()
-            out["warmup_s"] = time.monotonic() - t1
             log.info("warm-up done in %.1fs", out["warmup_s"])
         for label in runs:
             spec = WorkloadSpec(n_adapters=args.n, rate=args.rate, duration=args.duration, cv=1.0, alpha=1.0,

@@ -15,9 +15,11 @@ prefill steps at 164 ms against 64 ms without LoRA and 74 ms for TP=1 with LoRA;
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
 import logging
-import os
+import pstats
 import subprocess
 import sys
 import threading
@@ -26,9 +28,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-for _key, _value in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
-                     ("NVSHMEM_DISABLE_NVLS", "1")):
-    os.environ.setdefault(_key, _value)
+from benchmarks.tp_bench import nvlink_multicast_off  # noqa: E402  (after the path set-up)
+
+nvlink_multicast_off()
 
 log = logging.getLogger("tp_profile")
 
@@ -161,10 +163,6 @@ def profile_tp(args, tp: int) -> dict:
             burst(engine, prompts(), adapters)
             profiler.on = False
             ops = profiler.take(args.top)
-            import cProfile
-            import io
-            import pstats
-
             profiler.python = cProfile.Profile()
             burst(engine, prompts(), adapters)
             python, profiler.python = profiler.python, None

@@ -155,7 +155,7 @@ class ModelRunner:
         self.sin = emb.sin().to(self.device)
         self.sm_scale = 1.0 / math.sqrt(spec.head_dim)
         self._varlen = _varlen_attn()  # None: per-request attention (CPU, or an older torch)
-        self._varlen_bounds = None  # (bounds, their int32 device copy, longest request): this step's
+        self._varlen_bounds = None  # the current step's (bounds, their int32 device copy, longest request)
         s = spec
         self.qkv_offsets = (0, s.q_width, s.q_width + s.kv_width)
         self.gate_up_offsets = (0, s.intermediate)

@@ -266,9 +266,13 @@ def pack_step(inp) -> tuple[tuple, torch.Tensor]:
                      lora.max_seg_len, lora.modules)
         parts += [lora.seg_starts, lora.seg_adapter, lora.ranks, lora.a_starts, lora.b_starts,
                   lora.scales.contiguous().view(torch.int32), lora.page_ids]
-    flat = [p.reshape(-1).to(torch.int32) for p in parts]
-    pads = [torch.zeros(_aligned(f.numel()) - f.numel(), dtype=torch.int32, device=f.device) for f in flat]
-    payload = torch.cat([t for pair in zip(flat, pads, strict=True) for t in pair])
+    pieces = []
+    for p in parts:
+        flat = p.reshape(-1).to(torch.int32)
+        pieces.append(flat)
+        if _aligned(flat.numel()) > flat.numel():  # padding is never read: left uninitialised
+            pieces.append(flat.new_empty(_aligned(flat.numel()) - flat.numel()))
+    payload = torch.cat(pieces)
     header = (inp.prefill, inp.input_ids.shape[0], inp.last_rows.shape[0], list(inp.seq_bounds), n_dec, max_len,
               lora_meta)
     return header, payload
