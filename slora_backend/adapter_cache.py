@@ -80,7 +80,8 @@ def device_lora_batch(t: LoraTables, seg_starts: list[int], max_seg_len: int, de
     seg_adapter = np.asarray(t.seg_adapter, dtype=np.int32)
     n_decode = len(seg_adapter) - n_seg
     n_adapters = t.ints.shape[2]
-    parts = [t.ints.reshape(-1), t.scales.reshape(-1).view(np.int32), np.asarray(seg_starts, dtype=np.int32),
+    scales = np.ascontiguousarray(t.scales, dtype=np.float32)
+    parts = [t.ints.reshape(-1), scales.reshape(-1).view(np.int32), np.asarray(seg_starts, dtype=np.int32),
              seg_adapter[:n_seg]]
     if n_decode:
         parts += [np.arange(n_decode + 1, dtype=np.int32), seg_adapter[n_seg:]]
