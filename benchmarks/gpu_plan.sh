@@ -8,6 +8,8 @@
 #   OUT=... bash benchmarks/gpu_plan.sh s1        # h200: S1 n=5/2000, decode step vs floor, a
 #                                                 #   prefill-step profile (~5 min)
 #   OUT=... bash benchmarks/gpu_plan.sh kernels   # h200: kernel table, then the prefill sweep (~5 min)
+#   OUT=... bash benchmarks/gpu_plan.sh gmv       # h200: a mixed step's q,k,v LoRA point, all rows on MBGMM vs
+#                                                 #   decode rows on MBGMV; S2 n=5/1000 with that A/B (~7 min)
 #   OUT=... bash benchmarks/gpu_plan.sh tp        # h200-x2: TP parity, TP=2 with/without LoRA collectives,
 #                                                 #   Llama-13B S4 at a saturating 40 req/s (~8 min)
 #   OUT=... bash benchmarks/gpu_plan.sh tp1       # h200-x2: TP=1 on the same trace (scaling), then a
@@ -23,9 +25,9 @@
 # In every serving JSON check extra.kernel_compiles == 0 first (kernels/launch.py), then
 # extra.prefill_ms_per_step / decode_ms_per_step: where the time went.
 set -uo pipefail
-usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; }
 part="${1:-}"
-case "$part" in serving|s1|kernels|tp|tp1|tp4) ;; *) usage; exit 2 ;; esac
+case "$part" in serving|s1|kernels|gmv|tp|tp1|tp4) ;; *) usage; exit 2 ;; esac
 : "${OUT:?set OUT to the folder for the results}"
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
@@ -56,6 +58,11 @@ case "$part" in
   kernels)
     step 200 kernel_bench python3 benchmarks/kernel_bench.py --out "$OUT"
     step 340 kernel_sweep python3 benchmarks/kernel_bench.py --sweep --out "$OUT"
+    ;;
+  gmv)
+    step 150 kernel_mixed python3 benchmarks/kernel_bench.py --mixed --out "$OUT"
+    step 420 slora_s2_gmv python3 benchmarks/slora_bench.py --setting S2 --n 5,1000 --rate 30 --duration 15 --ab-gmv \
+      --suffix _gmv --out "$OUT"
     ;;
   tp)
     step 560 tp_bench python3 benchmarks/tp_bench.py --out "$OUT/tp" --phases parity,tp,tp_skip --budget 540

@@ -4,6 +4,7 @@ the fused elementwise ops, each against a torch reference and its byte floor.
     python benchmarks/kernel_bench.py [--out benchmarks/results] [--reps 50]
     python benchmarks/kernel_bench.py --sweep [--quick]  # block shapes -> kernel_sweep*.json and
                                                          # lora_tuning.json ($SLORA_LORA_TUNING)
+    python benchmarks/kernel_bench.py --mixed  # a mixed step's q,k,v LoRA point -> kernel_mixed.json
 
 Shapes are Llama-2-7B's: hidden 4096, page width P = 32 KV heads x 128 = 4096, bf16.
 * LoRA decode: one 4096->4096 projection (q_proj), B in {1, 16, 64, 256} tokens, each on its
@@ -14,6 +15,11 @@ Shapes are Llama-2-7B's: hidden 4096, page width P = 32 KV heads x 128 = 4096, b
 * Byte floor: bytes that must move (every adapter's A and B^T once at its true rank, x read,
   y read and written) over the measured device-to-device copy bandwidth (bytes read + written
   per second); `bw_fraction` = floor / time.
+* LoRA in a mixed step (--mixed): the q,k,v point (4096 -> 3 x 4096) of a step with 4 prompt
+  segments x 256 tokens and D in {64, 171, 256} decode rows, every segment and row on its own S2
+  adapter: the old path (every row in MBGMM segments) against the split one (prompt rows MBGMM,
+  decode rows MBGMV: LoraBatch.decode), outputs compared. On CPU (Triton's interpreter) it runs
+  at tiny sizes as a smoke test, timed by the wall clock.
 * Timing (METHOD.md): each case is captured in a CUDA graph and replayed `--reps` times; before
   every replay a 256 MiB buffer is written (L2 flush), outside the timed events; median.
 """
@@ -92,6 +98,23 @@ class Timer:
         torch.cuda.synchronize()
         del graph
         return statistics.median(s.elapsed_time(e) / 1e3 for s, e in events)
+
+
+class WallTimer:
+    """Median wall time of fn (CPU smoke runs: Triton's interpreter, nothing to flush)."""
+
+    def __init__(self, reps: int):
+        self.reps = reps
+
+    def __call__(self, fn, warmup: int = 1) -> float:
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(self.reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -230,6 +253,117 @@ def decode_cases():
 
 
 PREFILL = ("prefill 16x256 S2", [256] * 16, [S2[i % 4] for i in range(16)])
+
+
+# -- LoRA in a mixed step ---------------------------------------------------------------------
+class MixedCase:
+    """The q,k,v LoRA point (hidden -> 3 x hidden, modules 0-2) of a mixed step: `prompts`
+    segments of `prompt_len` tokens, then `decode` rows, each segment and row on its own adapter,
+    S2 ranks in turn, adapter rows on shuffled pool pages. Both batches come from the engine's
+    builder (adapter_cache.device_lora_batch) over the same tables: `combined` puts every row in
+    MBGMM segments (lora_decode_rows_gmv off), `split` has the decode part (MBGMV)."""
+
+    def __init__(self, prompts: int, prompt_len: int, decode: int, hidden: int, page: int, dtype, seed: int = 0):
+        from kernels.lora import GMV_MAX_SEG_LEN
+        from kernels.lora_batch import rank_buckets
+        from slora_backend.adapter_cache import LoraTables, device_lora_batch
+
+        n_adapters = prompts + decode
+        ranks = [S2[i % 4] for i in range(n_adapters)]
+        chunks = -(-hidden // page)  # pages per A row and per B^T row
+        ints = np.zeros((3, 7, n_adapters), np.int32)  # ranks, A starts, B^T starts
+        scales = np.zeros((7, n_adapters), np.float32)
+        at = 0
+        for a, r in enumerate(ranks):
+            for m in range(3):
+                ints[:, m, a] = (r, at, at + r * chunks)
+                scales[m, a] = 0.5
+                at += 2 * r * chunks
+        g = torch.Generator(device=DEV).manual_seed(seed)
+        self.pool = (torch.randn(at + 1, page, generator=g, device=DEV) * 0.02).to(dtype)
+        page_ids = np.random.default_rng(seed).permutation(at + 1)[:at].astype(np.int32)
+        tables = LoraTables(names=[f"a{i}" for i in range(n_adapters)], seg_adapter=list(range(n_adapters)),
+                            ints=ints, scales=scales, page_id_parts=[torch.from_numpy(page_ids).to(DEV)],
+                            total_pages=at, max_rank=max(ranks), modules=0b111)
+        prompt_starts = [i * prompt_len for i in range(prompts + 1)]
+        n_rows = prompt_starts[-1] + decode
+        longest = max(prompt_len, GMV_MAX_SEG_LEN + 1)  # model_runner.eager_segments' bound
+        dev = torch.device(DEV)
+        self.combined = device_lora_batch(tables, prompt_starts + list(range(prompt_starts[-1] + 1, n_rows + 1)),
+                                          longest, dev)
+        self.split = device_lora_batch(tables, prompt_starts, longest, dev, rank_buckets(64))
+        self.x = torch.randn(n_rows, hidden, generator=g, device=DEV).to(dtype)
+        self.y = torch.randn(n_rows, 3 * hidden, generator=g, device=DEV).to(dtype) * 1e-3
+        self.offsets = (0, hidden, 2 * hidden)
+        self.ranks = ranks
+
+    def apply(self, ops, batch, rows=slice(None)):
+        """lora_apply on `rows` of the step (a copy of y: timing runs leave y as it was)."""
+        y = self.y[rows].clone()
+        return lambda: ops.lora_apply(self.x[rows], y, self.pool, batch, (0, 1, 2), self.offsets)
+
+    def delta(self, ops, batch) -> torch.Tensor:
+        y = self.y.clone()
+        ops.lora_apply(self.x, y, self.pool, batch, (0, 1, 2), self.offsets)
+        return y.float() - self.y.float()
+
+
+def bench_mixed(timer, ops, prompts: int, prompt_len: int, decode_rows: list[int], hidden: int, page: int,
+                dtype=DTYPE):
+    """Rows of the mixed-step comparison (MixedCase), one per decode row count."""
+    from kernels.lora import step_config
+
+    rows = []
+    for d in decode_rows:
+        case = MixedCase(prompts, prompt_len, d, hidden, page, dtype)
+        split, n = case.split, case.split.decode_start
+        delta_split = case.delta(ops, split)
+        delta_combined = case.delta(ops, case.combined)
+        delta_torch = case.delta(get_ops("torch"), case.combined)
+        err = rel_err(delta_split, delta_combined)
+        # Different kernels (tensor-core MBGMM rounds the intermediate to bf16): close, not equal.
+        assert err < 2e-2, f"split and combined LoRA differ at D={d}: relative error {err:.2e}"
+        t_combined = timer(case.apply(ops, case.combined))
+        t_split = timer(case.apply(ops, split))
+        t_prompt = timer(case.apply(ops, replace(split, decode=None), slice(0, n)))
+        t_decode = timer(case.apply(ops, split.decode, slice(n, None)))
+        prompt_cfg, decode_cfg = (step_config(b, 3, page, hidden, dtype, case.x.device) for b in (split, split.decode))
+        row = dict(case=f"mixed {prompts}x{prompt_len} + {d} decode rows S2", prompt_tokens=n, decode_rows=d,
+                   hidden=hidden, page_width=page, distinct_adapters=prompts + d,
+                   decode_rank_bucket=split.decode.max_rank, combined_s=t_combined, split_s=t_split,
+                   split_prompt_part_s=t_prompt, split_decode_part_s=t_decode, speedup=t_combined / t_split,
+                   rel_err_split_vs_combined=err, rel_err_split_vs_torch=rel_err(delta_split, delta_torch),
+                   rel_err_combined_vs_torch=rel_err(delta_combined, delta_torch),
+                   prompt_split_k=prompt_cfg.split_k, decode_split_k=decode_cfg.split_k,
+                   decode_path="MBGMM" if decode_cfg.use_dot else "MBGMV")
+        rows.append(row)
+        log.info("%-36s combined (all MBGMM) %8.1f us | split %8.1f us (prompts %7.1f + decode rows %7.1f) "
+                 "-> %.2fx | err %.1e", row["case"], t_combined * 1e6, t_split * 1e6, t_prompt * 1e6,
+                 t_decode * 1e6, row["speedup"], err)
+        del case
+    return rows
+
+
+def mixed(args, out: Path) -> None:
+    """--mixed: bench_mixed at Llama-7B sizes on a GPU, tiny ones on CPU (smoke test)."""
+    ops = get_ops("triton")  # on CPU this selects Triton's interpreter, before triton's import
+    gpu = DEV == "cuda"
+    hidden, page = (HIDDEN, P) if gpu else (64, 32)
+    # The interpreter's tensor-core path (tl.dot) is not right in bf16 on CPU: fp32 there.
+    dtype = DTYPE if gpu else torch.float32
+    timer = Timer(args.reps) if gpu else WallTimer(args.reps)
+    rows = bench_mixed(timer, ops, args.prompts, args.prompt_len,
+                       [int(d) for d in args.decode_rows.split(",")], hidden, page, dtype)
+    report = dict(device=torch.cuda.get_device_name() if gpu else "cpu (Triton interpreter: smoke test)",
+                  date=time.strftime("%Y-%m-%d"), dtype=str(dtype).removeprefix("torch."), command=" ".join(sys.argv),
+                  method=("CUDA graph per case, L2 flushed (256 MiB write) before every replay, median of "
+                          f"{args.reps} replays" if gpu else f"wall clock, median of {args.reps}"),
+                  rows=rows)
+    (out / "kernel_mixed.json").write_text(json.dumps(report, indent=2))
+    for r in rows:
+        print(f"{r['case']:<36} combined {r['combined_s'] * 1e6:9.1f} us  split {r['split_s'] * 1e6:9.1f} us "
+              f"({r['split_prompt_part_s'] * 1e6:.1f} + {r['split_decode_part_s'] * 1e6:.1f})  "
+              f"{r['speedup']:.2f}x  err {r['rel_err_split_vs_combined']:.1e}")
 
 
 # -- attention and elementwise --------------------------------------------------------------
@@ -668,10 +802,18 @@ def main():
     parser.add_argument("--variants", action="store_true",
                         help="MBGMV variants (unrolled loops, block shapes) against the default")
     parser.add_argument("--only", default="lora,attention,elementwise")
+    parser.add_argument("--mixed", action="store_true",
+                        help="a mixed step's q,k,v LoRA point: all rows on MBGMM vs decode rows on MBGMV")
+    parser.add_argument("--decode-rows", default="64,171,256", help="with --mixed: decode row counts")
+    parser.add_argument("--prompts", type=int, default=4, help="with --mixed: prompt segments")
+    parser.add_argument("--prompt-len", type=int, default=256, help="with --mixed: tokens per prompt")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.mixed:
+        mixed(args, out)
+        return
     bw = copy_bandwidth()
     log.info("%s: copy bandwidth %.2f TB/s (read + write)", torch.cuda.get_device_name(), bw / 1e12)
     timer = Timer(args.reps)

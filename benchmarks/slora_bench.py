@@ -55,6 +55,23 @@ def run_counters(before: dict, after: dict) -> dict:
     return out
 
 
+def gmv_vs_gmm(runs: dict) -> dict:
+    """--ab-gmv: each adapter run beside its *_gmm twin (decode rows of mixed steps on MBGMM)."""
+    out = {}
+    for label, gmv in runs.items():
+        gmm = runs.get(f"{label}_gmm")
+        if gmm is None:
+            continue
+        out[label] = {"throughput_req_s": [gmv["throughput_req_s"], gmm["throughput_req_s"]],
+                      "throughput_ratio": gmv["throughput_req_s"] / gmm["throughput_req_s"],
+                      "latency_avg": [gmv["latency_avg"], gmm["latency_avg"]],
+                      "first_token_avg": [gmv["first_token_avg"], gmm["first_token_avg"]],
+                      "prefill_ms_per_step": [gmv["extra"]["prefill_ms_per_step"], gmm["extra"]["prefill_ms_per_step"]],
+                      "mixed_steps": [gmv["extra"]["mixed_steps"], gmm["extra"]["mixed_steps"]],
+                      "kernel_compiles": [gmv["extra"]["kernel_compiles"], gmm["extra"]["kernel_compiles"]]}
+    return out
+
+
 def register_adapters(engine: Engine, n: int, ranks: tuple[int, ...], targets: str) -> float:
     """Register n random adapters; returns host bytes / weight bytes over all of them."""
     t0 = time.monotonic()
@@ -147,13 +164,19 @@ def main() -> int:
     ap.add_argument("--ab-mix", action="store_true",
                     help="run everything twice, the second time with separate prefill and decode steps "
                          "(labels *_nomix, ratios against base_nomix): the mixing's A/B in one engine")
+    ap.add_argument("--no-gmv", action="store_true",
+                    help="decode rows of mixed steps in MBGMM segments with the prompts (lora_decode_rows_gmv=false)")
+    ap.add_argument("--ab-gmv", action="store_true",
+                    help="run the adapter runs twice, the second time with lora_decode_rows_gmv off (labels *_gmm, "
+                         "ratios against base; gmv_vs_gmm side by side): the MBGMV decode rows' A/B in one engine")
     ap.add_argument("--suffix", default="", help="appended to the result file's name")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     ns = [int(x) for x in args.n.split(",")]
     config = EngineConfig(model_dir=args.model, max_model_len=2048, max_batch_size=512,
-                          max_prefill_tokens=8192, mix_decode_in_prefill=not args.no_mix)
+                          max_prefill_tokens=8192, mix_decode_in_prefill=not args.no_mix,
+                          lora_decode_rows_gmv=not args.no_gmv)
     if args.pool_gb > 0:
         spec = dummy_spec(args.model, config.max_model_len)
         config.pool_pages = int(args.pool_gb * 1e9) // (spec.layers * spec.page_width * 2)
@@ -164,9 +187,12 @@ def main() -> int:
                "date": time.strftime("%Y-%m-%d"), "args": vars(args), "runs": {},
                "host_bytes_over_weight_bytes": host_ratio,
                "gpu_memory_used_fraction": 1 - free / total, "pool": engine.stats()["pool"]}
-    runs = ([] if args.no_base else [("base", 0)]) + [(f"n{n}", n) for n in ns]
+    first = ([] if args.no_base else [("base", 0)]) + [(f"n{n}", n) for n in ns]
+    runs = list(first)
     if args.ab_mix:
-        runs += [(f"{label}_nomix", n) for label, n in runs]
+        runs += [(f"{label}_nomix", n) for label, n in first]
+    if args.ab_gmv:  # the base model has no LoRA: nothing to compare there
+        runs += [(f"{label}_gmm", n) for label, n in first if n]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"slora_{args.setting}_{args.targets}{args.suffix}.json"
@@ -175,6 +201,8 @@ def main() -> int:
         log.info("warm-up done in %.1fs", results["warmup_s"])
     for label, n in runs:
         engine.scheduler.mix_decode = not (args.no_mix or label.endswith("_nomix"))
+        # Both LoRA paths of mixed steps were compiled at start-up (warm_up_eager) when the flag was on.
+        engine.runner.lora_decode_rows_gmv = not (args.no_gmv or label.endswith("_gmm"))
         spec = WorkloadSpec(n_adapters=max(n, 1), rate=args.rate, duration=args.duration, cv=args.cv,
                             alpha=args.alpha, input_range=(8, args.max_len), output_range=(8, args.max_len),
                             vocab=engine.spec.vocab, seed=7)
@@ -186,6 +214,7 @@ def main() -> int:
         report = summarize(timings).as_dict()
         after = engine.stats()
         report["extra"] = run_counters(before, after)
+        report["extra"]["lora_decode_rows_gmv"] = engine.runner.lora_decode_rows_gmv
         results["runs"][label] = report
         log.info("%s: %.2f req/s, %.0f tok/s, avg latency %.2fs, first token avg %.2fs, SLO %.2f", label,
                  report["throughput_req_s"], report["throughput_tok_s"], report["latency_avg"],
@@ -200,9 +229,12 @@ def main() -> int:
         base = results["runs"]["base_nomix"]["throughput_req_s"]
         results["over_base_nomix"] = {k: v["throughput_req_s"] / base for k, v in results["runs"].items()
                                       if k.endswith("_nomix")}
+    if args.ab_gmv:
+        results["gmv_vs_gmm"] = gmv_vs_gmm(results["runs"])
     engine.shutdown()
     path.write_text(json.dumps(results, indent=2))
-    print(json.dumps({k: results.get(k) for k in ("device", "over_base", "over_base_nomix")}, indent=1))
+    print(json.dumps({k: results.get(k) for k in ("device", "over_base", "over_base_nomix", "gmv_vs_gmm")},
+                     indent=1))
     for label, r in results["runs"].items():
         print(f"{label:>7}: {r['throughput_req_s']:.2f} req/s {r['throughput_tok_s']:.0f} tok/s "
               f"lat {r['latency_avg']:.2f}s ftl {r['first_token_avg']:.2f}s slo {r['slo_attainment']:.2f} "

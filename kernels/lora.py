@@ -76,7 +76,7 @@ if os.environ.get("SLORA_LORA_TUNING"):
 
 def pick_config(max_seg_len: int, max_rank: int, page_width: int, in_width: int,
                 dtype) -> LoraLaunchConfig:
-    """Block shapes for the step; K is not split here (see pick_split_k).
+    """Block shapes for the step; K is not split here (see split_k_for).
 
     Swept on an H200 (benchmarks/kernel_bench.py --sweep: Llama-7B, P = 4096, 4096 -> 4096,
     256 tokens on distinct S2 adapters / 16 x 256 prefill tokens, CUDA graphs, L2 flushed).
@@ -131,17 +131,24 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def pick_split_k(cfg, batch, n_mod: int, in_width: int, device) -> int:
+def sm_count(device) -> int:
+    """Streaming multiprocessors of `device`; 0 off CUDA (no K split there)."""
+    if device.type != "cuda":
+        return 0
+    return _sm_count(device.index if device.index is not None else 0)
+
+
+def split_k_for(cfg, segments: int, max_seg_len: int, max_rank: int, n_mod: int, in_width: int,
+                sms: int) -> int:
     """Split K into parts of >= ~1K columns while the shrink grid is under 32 programs/SM
     (the kernels are latency bound: more programs in flight hide the page-table loads).
     Powers of two, so that a split of a power-of-two hidden size stays inside one page
-    (what the unrolled MBGMV shrink needs)."""
-    if device.type != "cuda":
+    (what the unrolled MBGMV shrink needs). sms = 0 (CPU): no split."""
+    if not sms:
         return 1
-    programs = (batch.seg_adapter.shape[0] * triton.cdiv(batch.max_seg_len, cfg.block_m)
-                * n_mod * triton.cdiv(batch.max_rank, cfg.block_r))
-    target = 32 * _sm_count(device.index if device.index is not None else 0)
-    split = triton.next_power_of_2(triton.cdiv(target, programs))
+    programs = (segments * triton.cdiv(max_seg_len, cfg.block_m) * n_mod
+                * triton.cdiv(max_rank, cfg.block_r))
+    split = triton.next_power_of_2(triton.cdiv(32 * sms, max(programs, 1)))
     return max(1, min(split, triton.next_power_of_2(triton.cdiv(in_width, 1024)), 16))
 
 
@@ -165,8 +172,10 @@ def lora_apply(x, y, pool_layer, batch, module_ids, out_offsets):
 
     x: (T, in), y: (T, sum out_i), pool_layer: (N, P); module_ids index MODULES, out_offsets
     give each module's first column in y (widths follow from the next offset / y's width).
+    A batch with a decode part (LoraBatch.decode) runs its rows before decode_start on the
+    MBGMM kernels and the decode rows on the MBGMV ones: two launches each.
     """
-    if batch.max_rank == 0 or x.shape[0] == 0:
+    if x.shape[0] == 0:
         return y
     page_width = pool_layer.shape[1]
     assert pool_layer.stride() == (page_width, 1), "pool_layer must have contiguous pages"
@@ -176,9 +185,29 @@ def lora_apply(x, y, pool_layer, batch, module_ids, out_offsets):
     bounds = (*out_offsets[1:], y.shape[1])
     widths = [end - off for off, end in zip(out_offsets, bounds, strict=True)]
     group = _group_table(module_ids, out_offsets, widths, x.device)
+    for part_x, part_y, part in lora_parts(x, y, batch):
+        cfg = step_config(part, len(module_ids), page_width, x.shape[1], x.dtype, x.device)
+        run_lora(part_x, part_y, pool_layer, part, group, max(widths), cfg)
+    return y
 
-    cfg = step_config(batch, len(module_ids), page_width, x.shape[1], x.dtype, x.device)
-    return run_lora(x, y, pool_layer, batch, group, max(widths), cfg)
+
+def lora_parts(x, y, batch) -> list[tuple[torch.Tensor, torch.Tensor, object]]:
+    """(x rows, y rows, LoraBatch) of each kernel path of the step, parts without LoRA left
+    out: the whole step, or with a decode part the rows before decode_start and the decode
+    rows. Row views: the kernels take row strides, and a real model's rows are whole multiples
+    of 16 bytes, so a view starts 16-byte aligned like the whole tensor (the pointer
+    specialisation the warm-up compiled: tests/test_kernel_variants.py)."""
+    parts = []
+    decode = batch.decode
+    if decode is not None:
+        n = batch.decode_start
+        if batch.max_rank and n:
+            parts.append((x[:n], y[:n], batch))
+        if decode.max_rank:
+            parts.append((x[n:], y[n:], decode))
+    elif batch.max_rank:
+        parts.append((x, y, batch))
+    return parts
 
 
 def step_config(batch, n_mod: int, page_width: int, in_width: int, dtype, device):
@@ -187,11 +216,37 @@ def step_config(batch, n_mod: int, page_width: int, in_width: int, dtype, device
     key = (n_mod, page_width, in_width, dtype, device)
     cfg = batch.configs.get(key)
     if cfg is None:
-        cfg = pick_config(batch.max_seg_len, batch.max_rank, page_width, in_width, dtype)
-        path = "gmv" if batch.max_seg_len <= GMV_MAX_SEG_LEN else "gmm"
-        split_k = TUNED[path].get("split_k") or pick_split_k(cfg, batch, n_mod, in_width, device)
-        cfg = batch.configs[key] = cfg.with_split_k(in_width, split_k)
+        cfg = batch.configs[key] = launch_config(batch.seg_adapter.shape[0], batch.max_seg_len, batch.max_rank,
+                                                 n_mod, page_width, in_width, dtype, sm_count(device),
+                                                 batch.eager_decode)
     return cfg
+
+
+def launch_config(segments: int, max_seg_len: int, max_rank: int, n_mod: int, page_width: int, in_width: int,
+                  dtype, sms: int, eager_decode: bool = False) -> LoraLaunchConfig:
+    """pick_config and the K split for a batch of that shape on a GPU of `sms` SMs (0: CPU)."""
+    cfg = pick_config(max_seg_len, max_rank, page_width, in_width, dtype)
+    if eager_decode:
+        # The fused kernel has one (specialised, graph) form: eager decode rows take shrink + expand.
+        cfg = replace(cfg, fused=False)
+    path = "gmv" if max_seg_len <= GMV_MAX_SEG_LEN else "gmm"
+    split_k = TUNED[path].get("split_k") or split_k_for(cfg, segments, max_seg_len, max_rank, n_mod, in_width, sms)
+    return cfg.with_split_k(in_width, split_k)
+
+
+def eager_decode_warmups(groups, page_width: int, dtype, ranks, max_rows: int, sms: int) -> list[tuple[int, int]]:
+    """(rank bucket, decode rows) of warm-up steps that launch every MBGMV variant the decode
+    part of an eager step (LoraBatch.decode) can take: per rank bucket, one step per distinct
+    set of K splits that 1..max_rows decode rows give the projection `groups` ((n_mod,
+    in_width) each) on a GPU of `sms` SMs. Block shapes follow the bucket and the unrolled
+    shrink's trip count the split; the kernels' other ints are unspecialised there."""
+    steps: dict = {}
+    for rank in ranks:
+        for rows in range(1, max_rows + 1):
+            splits = tuple(launch_config(rows, 1, rank, n_mod, page_width, in_width, dtype, sms,
+                                         eager_decode=True).k_per_split for n_mod, in_width in groups)
+            steps.setdefault((rank, splits), rows)
+    return [(rank, rows) for (rank, _), rows in steps.items()]
 
 
 def pick_fused_splits(batch, n_mod: int, max_width: int, device) -> int:

@@ -1,5 +1,7 @@
 """Per-step LoRA metadata shared by the engine and the kernels (see docs/DESIGN.md)."""
 
+from __future__ import annotations
+
 from dataclasses import dataclass, field
 
 from torch import Tensor
@@ -17,6 +19,17 @@ def module_bits(module_ids) -> int:
     return sum(1 << m for m in module_ids)
 
 
+def rank_buckets(max_rank: int) -> list[int]:
+    """The max_rank values MBGMV steps are rounded up to (8, 16, 32, ..., max_rank): block
+    shapes follow the bucket, so each bucket is one set of compiled kernel variants (decode
+    graphs: one graph per bucket; eager steps' decode parts: warmed up per bucket)."""
+    buckets, r = [], 8
+    while r < max_rank:
+        buckets.append(r)
+        r *= 2
+    return buckets + [max_rank]
+
+
 @dataclass
 class LoraBatch:
     seg_starts: Tensor   # (S+1,) int32: segment s covers rows [seg_starts[s], seg_starts[s+1])
@@ -26,9 +39,19 @@ class LoraBatch:
     a_starts: Tensor     # (7, A) int32: offset into page_ids of module m's A rows
     b_starts: Tensor     # (7, A) int32: offset into page_ids of module m's B^T rows
     page_ids: Tensor     # (total,) int32
-    max_rank: int        # largest rank in the step (host int)
+    max_rank: int        # largest rank of this batch's segments (host int); 0: nothing to launch
     max_seg_len: int     # bound on segment length (host int): 1 in graph decode; eager steps use >= 5 (MBGMM)
     modules: int = ALL_MODULES  # host bitmask: modules some adapter of the step targets
+    # Eager steps with prompt rows and adapter decode rows (one row per running request, at the
+    # end): those rows run on the MBGMV kernels, as in a decode graph, instead of as one-row
+    # MBGMM segments (too few, too long programs). `decode` describes rows >= decode_start
+    # (its seg_starts count from decode_start, one segment per row, max_seg_len 1, max_rank a
+    # rank bucket) with this batch's adapter tables; this batch's segments end at decode_start.
+    decode: LoraBatch | None = None
+    decode_start: int = 0
+    # Set on such a decode part: its ints change every step, so the MBGMV launches take the
+    # kernels' unspecialised forms (kernels/launch.py); graph decode keeps them specialised.
+    eager_decode: bool = False
     # Launch configurations already chosen for this step, by projection shape (kernels/lora.py:
     # step_config): every layer asks the same question, and an eager step asks it ~64 times.
     configs: dict = field(default_factory=dict, init=False, repr=False, compare=False)

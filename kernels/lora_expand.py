@@ -124,9 +124,10 @@ def _expand_block(y_ptr, y_stride, pool_ptr, page_ids_ptr, t, t_col, offs_m, m_m
 
 
 # Two compiled forms of one kernel. Decode steps replay CUDA graphs whose ints are fixed per
-# graph: fully specialised (divisibility hints). Eager (prefill) steps change the adapter
-# count, rank and row blocks every step: those arguments stay unspecialised, so that the
-# variants compiled at start-up cover every step (kernels/launch.py).
+# graph: fully specialised (divisibility hints). Eager steps (MBGMM, and the MBGMV decode rows
+# of mixed steps) change the adapter count, rank, row blocks and K splits every step: those
+# arguments stay unspecialised, so that the variants compiled at start-up cover every step
+# (kernels/launch.py).
 _lora_expand_kernel = triton.jit(_lora_expand)
 _lora_expand_step_kernel = triton.jit(_lora_expand, **jit_options(
     "b_starts_ptr", "num_adapters", "R_MAX", "m_blocks", "split_k", "split_stride"))
@@ -158,7 +159,7 @@ def expand_call(y, tmp, pool_layer, batch, group, max_width, cfg) -> KernelCall:
     launch = {"num_warps": cfg.expand_warps}
     if cfg.expand_stages:
         launch["num_stages"] = cfg.expand_stages
-    kernel = _lora_expand_step_kernel if cfg.use_dot else _lora_expand_kernel
+    kernel = _lora_expand_step_kernel if cfg.use_dot or batch.eager_decode else _lora_expand_kernel
     return KernelCall(kernel, grid, common, dict(
         NMOD=nmod, P=page_width,
         BLOCK_M=block_m, BLOCK_R=cfg.block_r_expand, BLOCK_N=cfg.block_n,

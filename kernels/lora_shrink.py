@@ -13,8 +13,9 @@ import triton.language as tl
 from .launch import KernelCall, jit_options
 
 # Arguments that change from one eager (prefill) step to the next stay unspecialised, so that
-# the variants compiled at start-up cover every step (kernels/launch.py). The MBGMV kernel
-# runs in decode CUDA graphs, whose ints are fixed per graph: it keeps Triton's hints.
+# the variants compiled at start-up cover every step (kernels/launch.py). The MBGMV kernel has
+# two forms: in decode CUDA graphs its ints are fixed per graph, so it keeps Triton's hints;
+# for the decode rows of eager steps (LoraBatch.eager_decode) they change every step.
 _STEP_ARGS = jit_options("a_starts_ptr", "num_adapters", "R_MAX", "m_blocks", "r_blocks", "split_stride")
 
 
@@ -126,13 +127,13 @@ def shrink_call(x, tmp, pool_layer, batch, group, cfg) -> KernelCall:
     aligned = page_width % cfg.block_k == 0 and cfg.k_per_split % cfg.block_k == 0
     # Unrolling needs every split to lie inside one page.
     unroll = cfg.shrink_unroll and aligned and page_width % cfg.k_per_split == 0
-    return KernelCall(_lora_shrink_gmv_kernel, grid, common, dict(
+    kernel = _lora_shrink_gmv_step_kernel if batch.eager_decode else _lora_shrink_gmv_kernel
+    return KernelCall(kernel, grid, common, dict(
         NMOD=nmod, P=page_width, BLOCK_R=cfg.block_r, BLOCK_K=cfg.block_k,
         ALIGNED=aligned, UNROLL=unroll, K_ITERS=cfg.k_per_split // cfg.block_k if unroll else 1, **launch))
 
 
-@triton.jit
-def _lora_shrink_gmv_kernel(
+def _lora_shrink_gmv(
     x_ptr, x_stride,          # (T, K) model dtype, unit column stride
     tmp_ptr,                  # (SPLIT_K, T, NMOD, R_MAX) fp32, contiguous
     pool_ptr,                 # (N, P) model dtype, contiguous rows
@@ -224,3 +225,7 @@ def _lora_shrink_gmv_kernel(
     out = tl.sum(acc, axis=1)
     tl.store(tmp_ptr + k_split * split_stride + (row * NMOD + slot) * R_MAX + offs_r, out,
              mask=r_mask)
+
+
+_lora_shrink_gmv_kernel = triton.jit(_lora_shrink_gmv)  # graph decode: fully specialised
+_lora_shrink_gmv_step_kernel = triton.jit(_lora_shrink_gmv, **_STEP_ARGS)  # eager decode rows

@@ -39,9 +39,21 @@ def _paged_rows_batched(pool_layer, page_ids, starts, ranks, rank_pad: int, n_ch
 
 
 def lora_apply(x, y, pool_layer, batch, module_ids, out_offsets):
-    """y[:, off_i : off_i + out_i] += scale * (x A_i^T) B_i^T per segment; y updated in place."""
+    """y[:, off_i : off_i + out_i] += scale * (x A_i^T) B_i^T per segment; y updated in place.
+    A decode part (LoraBatch.decode) is applied to its rows (views of x and y) like a batch
+    of its own."""
+    if batch.decode is not None:
+        n = batch.decode_start
+        lora_apply(x[n:], y[n:], pool_layer, batch.decode, module_ids, out_offsets)
+        _lora_rows(x[:n], y[:n], pool_layer, batch, module_ids, out_offsets)
+    else:
+        _lora_rows(x, y, pool_layer, batch, module_ids, out_offsets)
+    return y
+
+
+def _lora_rows(x, y, pool_layer, batch, module_ids, out_offsets):
     if batch.max_rank == 0 or x.shape[0] == 0:
-        return y
+        return
     bounds = (*out_offsets[1:], y.shape[1])
     widths = [end - off for off, end in zip(out_offsets, bounds, strict=True)]
     starts = batch.seg_starts.tolist()
@@ -66,7 +78,6 @@ def lora_apply(x, y, pool_layer, batch, module_ids, out_offsets):
                     rows, torch.tensor(short_adapters, device=x.device))
     if long_spans:
         _lora_long(x, y, pool_layer, batch, module_ids, out_offsets, widths, long_spans)
-    return y
 
 
 def _lora_short(x, y, pool_layer, batch, module_ids, out_offsets, widths, rows, adapters):

@@ -25,12 +25,12 @@ import logging
 import threading
 import time
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 
-from kernels.lora_batch import LoraBatch, module_bits
+from kernels.lora_batch import LoraBatch, module_bits, rank_buckets
 
 from .adapters import AdapterError, AdapterInfo, HostAdapter, load_adapter, resolve_adapter_dir
 from .checkpoint import ModelSpec
@@ -66,22 +66,62 @@ class LoraTables:
     modules: int = 0  # bitmask of the modules some adapter targets (LoraBatch.modules)
 
 
-def device_lora_batch(t: LoraTables, seg_starts: list[int], max_seg_len: int, dev: torch.device) -> LoraBatch:
-    """A step's host tables as the kernels' LoRA batch (eager steps)."""
-    ints = torch.from_numpy(t.ints).to(dev)  # one copy for the three int tables
+def device_lora_batch(t: LoraTables, seg_starts: list[int], max_seg_len: int, dev: torch.device,
+                      rank_buckets: list[int] | tuple[int, ...] = ()) -> LoraBatch:
+    """A step's host tables as the kernels' LoRA batch (eager steps): one host-to-device copy.
+
+    `seg_starts` and `max_seg_len` describe the first len(seg_starts) - 1 entries of
+    t.seg_adapter. Entries past them are decode rows, one row each, following the segments'
+    rows: they become the batch's decode part (LoraBatch.decode, MBGMV kernels), whose max_rank
+    is rounded up to one of `rank_buckets`. Only built without tensor parallelism, where
+    t.ints[0] holds each adapter's own ranks.
+    """
+    n_seg = len(seg_starts) - 1
+    seg_adapter = np.asarray(t.seg_adapter, dtype=np.int32)
+    n_decode = len(seg_adapter) - n_seg
+    n_adapters = t.ints.shape[2]
+    scales = np.ascontiguousarray(t.scales, dtype=np.float32)
+    parts = [t.ints.reshape(-1), scales.reshape(-1).view(np.int32), np.asarray(seg_starts, dtype=np.int32),
+             seg_adapter[:n_seg]]
+    if n_decode:
+        parts += [np.arange(n_decode + 1, dtype=np.int32), seg_adapter[n_seg:]]
+    flat, offsets = _pack_int32(parts)
+    flat = torch.from_numpy(flat).to(dev)
+    views = [flat[o : o + len(p)] for o, p in zip(offsets, parts, strict=True)]
+    ints = views[0].view(3, 7, n_adapters)
     page_ids = torch.cat(t.page_id_parts) if t.page_id_parts else torch.zeros(1, dtype=torch.int32, device=dev)
-    return LoraBatch(
-        seg_starts=torch.tensor(seg_starts, dtype=torch.int32, device=dev),
-        seg_adapter=torch.tensor(t.seg_adapter, dtype=torch.int32, device=dev),
-        ranks=ints[0],
-        scales=torch.from_numpy(t.scales).to(dev),
-        a_starts=ints[1],
-        b_starts=ints[2],
-        page_ids=page_ids,
-        max_rank=t.max_rank,
-        max_seg_len=max_seg_len,
-        modules=t.modules,
-    )
+    batch = LoraBatch(seg_starts=views[2], seg_adapter=views[3], ranks=ints[0],
+                      scales=views[1].view(torch.float32).view(7, n_adapters), a_starts=ints[1], b_starts=ints[2],
+                      page_ids=page_ids, max_rank=t.max_rank, max_seg_len=max_seg_len, modules=t.modules)
+    if n_decode:
+        rank_of = t.ints[0].max(axis=0)  # (A,) each adapter's largest rank
+
+        def max_rank(slots: np.ndarray) -> int:
+            slots = slots[slots >= 0]
+            return int(rank_of[slots].max()) if len(slots) else 0
+
+        decode_rank = max_rank(seg_adapter[n_seg:])
+        if decode_rank:  # 0: no decode row has an adapter, nothing to launch
+            decode_rank = next((b for b in rank_buckets if b >= decode_rank), decode_rank)
+        batch.decode = replace(batch, seg_starts=views[4], seg_adapter=views[5], max_seg_len=1, max_rank=decode_rank,
+                               eager_decode=True)
+        batch.decode_start = seg_starts[-1]
+        batch.max_rank = max_rank(seg_adapter[:n_seg])
+    return batch
+
+
+def _pack_int32(parts: list[np.ndarray]) -> tuple[np.ndarray, list[int]]:
+    """`parts` end to end in one int32 array (one copy to the device), each starting on a
+    16-byte boundary: the kernels' table pointers are compiled for 16-byte aligned tensors, as
+    fresh ones are (kernels/launch.py). Returns (array, offset of each part); padding is never read."""
+    offsets, end = [], 0
+    for p in parts:
+        offsets.append(end)
+        end += -(-len(p) // 4) * 4
+    flat = np.empty(end, dtype=np.int32)
+    for o, p in zip(offsets, parts, strict=True):
+        flat[o : o + len(p)] = p
+    return flat, offsets
 
 
 def adapter_columns(host: HostAdapter) -> tuple[np.ndarray, np.ndarray]:
@@ -144,6 +184,7 @@ class AdapterCache:
         self.device = pool_tensor.device
         self.adapter_dir = adapter_dir
         self.max_rank = max_rank
+        self.rank_buckets = rank_buckets(max_rank)  # an eager step's decode part rounds its max_rank up to one
         self.host_budget = host_budget_bytes if host_budget_bytes > 0 else None  # None = unlimited
         self.host: OrderedDict[str, HostAdapter] = OrderedDict()  # host tier, LRU first
         self.infos: dict[str, AdapterInfo] = {}  # every adapter read once
@@ -394,10 +435,13 @@ class AdapterCache:
                           max_rank=max((res.host.rank for res in residents), default=0),
                           modules=module_bits(np.flatnonzero(targeted).tolist()))
 
-    def build_lora_batch(self, seg_starts: list[int], seg_names: list[str | None],
-                         max_seg_len: int) -> LoraBatch:
-        """The step's tables as device tensors (eager path; CUDA graphs fill static ones)."""
-        return device_lora_batch(self.lora_tables(seg_names), seg_starts, max_seg_len, self.device)
+    def build_lora_batch(self, seg_starts: list[int], seg_names: list[str | None], max_seg_len: int,
+                         decode_names: list[str | None] = ()) -> LoraBatch:
+        """The step's tables as device tensors (eager path; CUDA graphs fill static ones). With
+        `decode_names` (the adapter of each decode row after the segments' rows) those rows form
+        the batch's decode part (LoraBatch.decode), sharing its adapter tables."""
+        tables = self.lora_tables([*seg_names, *decode_names])
+        return device_lora_batch(tables, seg_starts, max_seg_len, self.device, self.rank_buckets)
 
     def stats(self) -> AdapterCacheStats:
         with self._lock:

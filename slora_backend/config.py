@@ -22,6 +22,11 @@ class EngineConfig:
     # Running requests decode their next token inside prefill steps instead of waiting for
     # them (scheduler.py); false = separate prefill and decode steps.
     mix_decode_in_prefill: bool = True
+    # In those mixed steps, the decode rows' LoRA runs on the MBGMV kernels (per-row, as in
+    # decode graphs) and the prompt rows' on MBGMM, instead of every row on MBGMM (one-row
+    # segments: too few, too long programs). Compiled at start-up either way; not under tensor
+    # parallelism (model_runner.py). false = the combined path (benchmark A/B).
+    lora_decode_rows_gmv: bool = True
     max_queue: int = 1024  # waiting requests; beyond it submit() answers "busy"
     max_model_len: int = 0  # 0 = the model's max_position_embeddings
     max_tokens_limit: int = 4096  # largest max_tokens a request may ask for

@@ -22,7 +22,7 @@ import time
 import numpy as np
 import torch
 
-from kernels.lora_batch import ALL_MODULES, ATTENTION_MODULES, LoraBatch
+from kernels.lora_batch import ALL_MODULES, ATTENTION_MODULES, LoraBatch, rank_buckets
 
 from .adapter_cache import AdapterCache
 from .model_runner import ModelRunner, StepInputs
@@ -31,14 +31,6 @@ from .scheduler import ScheduledStep
 log = logging.getLogger(__name__)
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
-
-
-def rank_buckets(max_rank: int) -> list[int]:
-    buckets, r = [], 8
-    while r < max_rank:
-        buckets.append(r)
-        r *= 2
-    return buckets + [max_rank]
 
 
 class DecodeGraphs:

@@ -135,7 +135,8 @@ class Engine:
                                    config.max_prefill_tokens, mix_decode=config.mix_decode_in_prefill)
         self.scheduler.on_adapter_error = self._adapter_failed
         self.runner = ModelRunner(run_spec, weights, self.pool_tensor, get_ops(backend), self.max_model_len,
-                                  tp=None if self.tp is None else self.tp.group)
+                                  tp=None if self.tp is None else self.tp.group,
+                                  lora_decode_rows_gmv=config.lora_decode_rows_gmv)
         self.sampler = Sampler(self.device)
         self.graphs: DecodeGraphs | None = None
         if use_graphs and self.tp is None:
@@ -151,7 +152,7 @@ class Engine:
             # Prefill (and mixed) steps run eagerly: compile their kernel variants now, not while
             # a request waits (kernels/launch.py). Seconds on a first start, then Triton's disk cache.
             t1 = time.monotonic()
-            forwards = self.runner.warm_up_eager(rank_buckets(config.max_rank))
+            forwards = self.runner.warm_up_eager(rank_buckets(config.max_rank), config.max_batch_size)
             log.info("eager-step kernels ready (%d warm-up forwards) in %.1fs", forwards, time.monotonic() - t1)
         self._variants_at_start = compiled_variants()
         if self.tp is not None:  # workers count their own compiles from here (tp_worker.py)

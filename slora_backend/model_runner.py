@@ -5,13 +5,13 @@ from __future__ import annotations
 import inspect
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kernels.lora import GMV_MAX_SEG_LEN
+from kernels.lora import GMV_MAX_SEG_LEN, eager_decode_warmups, sm_count
 from kernels.lora_batch import ALL_MODULES, LoraBatch, module_bits
 
 from .adapter_cache import AdapterCache
@@ -90,10 +90,10 @@ def eager_segments(adapters: list[str | None], bounds: list[int]) -> tuple[list[
     """LoRA segments of an eager step's rows: (seg_starts, adapter per segment, max_seg_len).
 
     Adjacent requests on one adapter form one segment, so its weights are read once. The
-    length bound is at least GMV_MAX_SEG_LEN + 1: eager steps always take the MBGMM kernels
-    (an upper bound is safe, rows past a segment's end are masked), whose variants are
-    compiled at start-up (ModelRunner.warm_up_eager); the MBGMV ones serve the decode
-    graphs only.
+    length bound is at least GMV_MAX_SEG_LEN + 1: these rows take the MBGMM kernels (an upper
+    bound is safe, rows past a segment's end are masked), whose variants are compiled at
+    start-up (ModelRunner.warm_up_eager). The MBGMV kernels serve the decode graphs and the
+    decode part of mixed steps (LoraBatch.decode), whose segments are one row each.
     """
     seg_starts, seg_names = [0], []
     for i, name in enumerate(adapters):
@@ -107,44 +107,79 @@ def eager_segments(adapters: list[str | None], bounds: list[int]) -> tuple[list[
 
 
 def warmup_inputs(spec: ModelSpec, page_width: int, device, rows: int, rank: int, tp_size: int = 1,
-                  decode_width: int = 0) -> StepInputs:
+                  decode_width: int = 0, decode_rows: int = 1, decode_rank: int = 0) -> StepInputs:
     """An eager step that computes nothing that stays and launches what a real one of that
     shape launches: a prefill of `rows` tokens, with (rank > 0) one adapter of `rank` on all
-    seven modules, every row of its A and B^T on page 0, scales 0; with decode_width > 0, one
-    decode row whose KV table is that many tokens wide (all page 0, length 1). KV writes are
-    skipped (negative pages)."""
+    seven modules; with decode_width > 0, `decode_rows` decode rows whose KV table is that many
+    tokens wide (all page 0, length 1), with (decode_rank > 0) their LoRA on the MBGMV kernels
+    (LoraBatch.decode, an adapter of that rank on all seven modules). Every row of the
+    adapters' A and B^T is on page 0, scales 0; KV writes are skipped (negative pages)."""
     s, dev = spec, device
+    n_dec = decode_rows if decode_width else 0
+    assert n_dec or not decode_rank, "a decode LoRA rank needs decode rows (decode_width > 0)"
     lora = None
-    if rank:
+    if rank or decode_rank:
         widest = max(s.hidden, s.q_width, 2 * s.intermediate)
-        zeros = torch.zeros(7, 1, dtype=torch.int32, device=dev)
+        zeros = torch.zeros(7, 2, dtype=torch.int32, device=dev)
+        # Adapter 0 is the prompt's, adapter 1 the decode rows'.
         lora = LoraBatch(seg_starts=torch.tensor([0, rows], dtype=torch.int32, device=dev),
-                         seg_adapter=torch.zeros(1, dtype=torch.int32, device=dev),
-                         ranks=torch.full((7, 1), rank, dtype=torch.int32, device=dev),
-                         scales=torch.zeros(7, 1, dtype=torch.float32, device=dev), a_starts=zeros,
+                         seg_adapter=torch.tensor([0 if rank else -1], dtype=torch.int32, device=dev),
+                         ranks=torch.tensor([[rank, decode_rank]] * 7, dtype=torch.int32, device=dev),
+                         scales=torch.zeros(7, 2, dtype=torch.float32, device=dev), a_starts=zeros,
                          b_starts=zeros.clone(),
-                         page_ids=torch.zeros(2 * rank * tp_size * -(-widest // page_width), dtype=torch.int32,
-                                              device=dev),
+                         page_ids=torch.zeros(2 * max(rank, decode_rank) * tp_size * -(-widest // page_width),
+                                              dtype=torch.int32, device=dev),
                          max_rank=rank, max_seg_len=rows, modules=ALL_MODULES)
-    total = rows + (1 if decode_width else 0)
+        if decode_rank:
+            lora.decode = replace(lora, seg_starts=torch.arange(n_dec + 1, dtype=torch.int32, device=dev),
+                                  seg_adapter=torch.ones(n_dec, dtype=torch.int32, device=dev),
+                                  max_rank=decode_rank, max_seg_len=1, eager_decode=True)
+            lora.decode_start = rows
+    total = rows + n_dec
     skip = torch.full((total,), -1, dtype=torch.int32, device=dev)
     positions = torch.arange(total, device=dev)
     positions[rows:] = 0
     return StepInputs(prefill=True, input_ids=torch.zeros(total, dtype=torch.int64, device=dev),
                       positions=positions, k_pages=skip, v_pages=skip.clone(),
                       last_rows=torch.arange(rows - 1, total, device=dev), seq_bounds=[0, rows],
-                      kv_table=torch.zeros(1, decode_width, 2, dtype=torch.int32, device=dev) if decode_width else None,
-                      seq_lens=torch.ones(1, dtype=torch.int32, device=dev) if decode_width else None,
+                      kv_table=torch.zeros(n_dec, decode_width, 2, dtype=torch.int32, device=dev) if n_dec else None,
+                      seq_lens=torch.ones(n_dec, dtype=torch.int32, device=dev) if n_dec else None,
                       lora=lora)
+
+
+def lora_groups(spec: ModelSpec) -> list[tuple[int, int]]:
+    """(modules, input width) of the forward's LoRA points (run_layers): q,k,v; o; gate,up; down."""
+    return [(3, spec.hidden), (1, spec.q_width), (2, spec.hidden), (1, spec.intermediate)]
+
+
+def eager_warmup_steps(spec: ModelSpec, page_width: int, dtype, ranks: list[int], max_decode_rows: int = 0,
+                       sms: int = 0) -> list[dict]:
+    """warmup_inputs arguments of the start-up steps (ModelRunner.warm_up_eager) on a GPU of
+    `sms` SMs: a LoRA prefill per (MBGMM row block, rank bucket); a decode row beside a prefill
+    per attention split count (powers of two: paged_attention._num_splits); with
+    max_decode_rows, decode rows on the MBGMV kernels beside a prefill per (rank bucket, K
+    splits) that up to that many of them can take (kernels/lora.py: eager_decode_warmups)."""
+    steps = [dict(rows=rows, rank=rank) for rank in ranks for rows in (16, 64)]  # lora.py: row blocks
+    steps += [dict(rows=16, rank=0, decode_width=128 * split) for split in (1, 2, 4, 8, 16)]
+    if max_decode_rows:
+        plan = eager_decode_warmups(lora_groups(spec), page_width, dtype, ranks, max_decode_rows, sms)
+        steps += [dict(rows=16, rank=0, decode_width=8, decode_rows=rows, decode_rank=rank) for rank, rows in plan]
+    return steps
 
 
 class ModelRunner:
     def __init__(self, spec: ModelSpec, weights: BaseWeights, pool: torch.Tensor, ops,
-                 max_model_len: int, tp=None):
+                 max_model_len: int, tp=None, lora_decode_rows_gmv: bool = False):
         """With tensor parallelism `spec` is this rank's shape (tensor_parallel.local_spec),
-        `weights` and `pool` its shards, and `tp` its tensor_parallel.TPGroup; None = one GPU."""
+        `weights` and `pool` its shards, and `tp` its tensor_parallel.TPGroup; None = one GPU.
+        lora_decode_rows_gmv: the decode rows of eager steps run their LoRA on the MBGMV
+        kernels (LoraBatch.decode; EngineConfig.lora_decode_rows_gmv)."""
         self.spec, self.w, self.pool, self.ops = spec, weights, pool, ops
         self.tp = tp
+        # Not with tensor parallelism: its LoRA is shrink, collective, expand (kernels/lora_tp.py)
+        # on one table for all rows, and its eager steps are host-launch-bound, so a second
+        # shrink/expand pair per LoRA point there would likely cost more than it saves.
+        self.lora_decode_rows_gmv = lora_decode_rows_gmv and tp is None
         self.tp_graphs = None  # tp_graphs.TPDecodeGraphs, set once captured
         self.device, self.dtype = pool.device, pool.dtype
         self.max_model_len = max_model_len
@@ -196,14 +231,19 @@ class ModelRunner:
             seq_bounds=bounds[: len(pre) + 1],
             kv_table=kv_table,
             seq_lens=seq_lens,
-            lora=self._lora_tables(reqs, bounds, adapters),
+            lora=self._lora_tables(reqs, len(pre), bounds, adapters),
         )
 
-    @staticmethod
-    def _lora_tables(reqs, bounds: list[int], adapters: AdapterCache) -> LoraBatch | None:
-        if all(r.adapter is None for r in reqs):
+    def _lora_tables(self, reqs, n_prefill: int, bounds: list[int], adapters: AdapterCache) -> LoraBatch | None:
+        names = [r.adapter for r in reqs]
+        if all(n is None for n in names):
             return None
-        return adapters.build_lora_batch(*eager_segments([r.adapter for r in reqs], bounds))
+        decode_names = names[n_prefill:]
+        if self.lora_decode_rows_gmv and n_prefill and any(n is not None for n in decode_names):
+            # Prompt rows on MBGMM segments, decode rows on the MBGMV kernels (LoraBatch.decode).
+            return adapters.build_lora_batch(*eager_segments(names[:n_prefill], bounds[: n_prefill + 1]),
+                                             decode_names=decode_names)
+        return adapters.build_lora_batch(*eager_segments(names, bounds))
 
     @staticmethod
     def decode_table_width(longest: int) -> int:
@@ -213,16 +253,16 @@ class ModelRunner:
         return -(-longest // 8) * 8
 
     # -- start-up ------------------------------------------------------------------------
-    def warm_up_eager(self, ranks: list[int]) -> int:
+    def warm_up_eager(self, ranks: list[int], max_decode_rows: int = 0) -> int:
         """Compile, before serving, every kernel variant an eager step can need (kernels/launch.py):
-        a LoRA prefill per (MBGMM row block, rank bucket), and a decode row beside a prefill
-        per attention split count (powers of two: paged_attention._num_splits). Nothing is
-        written (warmup_inputs). Returns the forwards run; with tensor parallelism every rank
-        runs them (forward shares the inputs)."""
+        the steps of eager_warmup_steps, the MBGMV decode rows' ones when lora_decode_rows_gmv
+        (max_decode_rows: the most running requests). Nothing is written (warmup_inputs).
+        Returns the forwards run; with tensor parallelism every rank runs them (forward shares
+        the inputs)."""
         size = 1 if self.tp is None else self.tp.size
         page = self.pool.shape[-1]
-        steps = [dict(rows=rows, rank=rank) for rank in ranks for rows in (16, 64)]  # lora.py: row blocks
-        steps += [dict(rows=16, rank=0, decode_width=128 * split) for split in (1, 2, 4, 8, 16)]
+        steps = eager_warmup_steps(self.spec, page, self.dtype, ranks,
+                                   max_decode_rows if self.lora_decode_rows_gmv else 0, sm_count(self.device))
         for kw in steps:
             self.forward(warmup_inputs(self.spec, page, self.device, tp_size=size, **kw))
         return len(steps)

@@ -224,6 +224,9 @@ class TPGroup:
         dist.all_reduce(t)
 
     def lora_step(self, lora: LoraBatch) -> TPLoraStep:
+        # TP steps keep every row on one table (ModelRunner.lora_decode_rows_gmv is off here), so
+        # that one collective moves the whole step's intermediate.
+        assert lora.decode is None, "tensor-parallel steps have no MBGMV decode part"
         local = -(-lora.max_rank // self.size)
         return TPLoraStep(column_shrink=replace(lora, max_rank=local),
                           column_expand=replace(lora, ranks=lora.ranks * self.size, max_rank=local * self.size),

@@ -58,14 +58,25 @@ def test_batched_greedy_matches_hf_peft(setup, backend):
         engine.shutdown()
 
 
-@pytest.mark.parametrize("mix", [True, False], ids=["mixed", "separate"])
-def test_requests_arriving_while_others_decode_match_hf_peft(setup, mix):
+@pytest.mark.parametrize("mix,gmv", [(True, True), (True, False), (False, True)],
+                         ids=["mixed", "mixed-decode-rows-mbgmm", "separate"])
+def test_requests_arriving_while_others_decode_match_hf_peft(setup, mix, gmv):
     """Later requests' prefills meet running ones: with mixing (the default) the running
     requests decode inside those prefill steps (rows of both kinds, both attention paths,
-    LoRA segments over all of them, Triton kernels); tokens stay HF+PEFT's either way."""
+    Triton kernels), their LoRA on the MBGMV kernels (LoraBatch.decode) or, with
+    lora_decode_rows_gmv off, in MBGMM segments with the prompts; tokens stay HF+PEFT's."""
     model, adapters, prompts, names, refs = setup
     engine = Engine(EngineConfig(model_dir=str(model), adapter_dir=str(adapters), kernel_backend="triton",
-                                 pool_pages=3000, mix_decode_in_prefill=mix))
+                                 pool_pages=3000, mix_decode_in_prefill=mix, lora_decode_rows_gmv=gmv))
+    split_steps = []
+    prepare = engine.runner.prepare
+
+    def spy(step, cache):
+        inp = prepare(step, cache)
+        split_steps.append(inp.lora is not None and inp.lora.decode is not None)
+        return inp
+
+    engine.runner.prepare = spy
     try:
         jobs = [dict(prompt_ids=prompts[i], adapter=name, params=greedy(NEW_TOKENS))
                 for i, name in enumerate(names)]
@@ -75,6 +86,7 @@ def test_requests_arriving_while_others_decode_match_hf_peft(setup, mix):
             assert tokens_of(outs) == refs[i], f"request {i} adapter {names[i]}"
         mixed = engine.stats()["mixed_steps"]
         assert mixed > 0 if mix else mixed == 0
+        assert any(split_steps) == (mix and gmv)
     finally:
         engine.shutdown()
 

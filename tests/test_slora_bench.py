@@ -1,0 +1,27 @@
+"""benchmarks/slora_bench.py runs on CPU (dummy tiny model, torch kernels), so a GPU session can
+rely on it: --ab-gmv runs each adapter run twice, the second with the decode rows of mixed steps
+on the MBGMM path (lora_decode_rows_gmv off), and records them side by side. Timings are not
+asserted."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_slora_bench_ab_gmv_runs_on_cpu(tmp_path):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "slora_bench.py"), "--model", "dummy:tiny", "--n", "3",
+           "--rate", "6", "--duration", "3", "--max-len", "24", "--warmup", "0", "--ab-gmv", "--out", str(tmp_path)]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((tmp_path / "slora_S2_qkvo.json").read_text())
+    assert list(report["runs"]) == ["base", "n3", "n3_gmm"]
+    flags = {label: run["extra"]["lora_decode_rows_gmv"] for label, run in report["runs"].items()}
+    assert flags == {"base": True, "n3": True, "n3_gmm": False}
+    side = report["gmv_vs_gmm"]["n3"]
+    assert len(side["throughput_req_s"]) == 2 and side["throughput_ratio"] > 0
+    assert set(report["over_base"]) == {"base", "n3", "n3_gmm"}
