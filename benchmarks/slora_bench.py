@@ -169,6 +169,9 @@ def main() -> int:
     ap.add_argument("--ab-gmv", action="store_true",
                     help="run the adapter runs twice, the second time with lora_decode_rows_gmv off (labels *_gmm, "
                          "ratios against base; gmv_vs_gmm side by side): the MBGMV decode rows' A/B in one engine")
+    ap.add_argument("--gmv-min-segments", type=int, default=EngineConfig.lora_decode_gmv_min_segments,
+                    help="decode rows of a mixed step go to the MBGMV kernels from this many adapter segments on "
+                         "(lora_decode_gmv_min_segments; 1 = whenever one has an adapter)")
     ap.add_argument("--suffix", default="", help="appended to the result file's name")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
@@ -176,7 +179,7 @@ def main() -> int:
     ns = [int(x) for x in args.n.split(",")]
     config = EngineConfig(model_dir=args.model, max_model_len=2048, max_batch_size=512,
                           max_prefill_tokens=8192, mix_decode_in_prefill=not args.no_mix,
-                          lora_decode_rows_gmv=not args.no_gmv)
+                          lora_decode_rows_gmv=not args.no_gmv, lora_decode_gmv_min_segments=args.gmv_min_segments)
     if args.pool_gb > 0:
         spec = dummy_spec(args.model, config.max_model_len)
         config.pool_pages = int(args.pool_gb * 1e9) // (spec.layers * spec.page_width * 2)
@@ -209,12 +212,15 @@ def main() -> int:
         trace = make_trace(spec)
         engine.evict_idle_adapters()
         before = engine.stats()
+        split_before = engine.runner.decode_part_steps
         log.info("run %s: %d requests over %.0fs", label, len(trace), args.duration)
         timings = replay(engine, trace, drop_adapters=(n == 0), deadline=args.duration * 4)
         report = summarize(timings).as_dict()
         after = engine.stats()
         report["extra"] = run_counters(before, after)
         report["extra"]["lora_decode_rows_gmv"] = engine.runner.lora_decode_rows_gmv
+        report["extra"]["lora_decode_gmv_min_segments"] = engine.runner.gmv_min_segments
+        report["extra"]["decode_part_steps"] = engine.runner.decode_part_steps - split_before
         results["runs"][label] = report
         log.info("%s: %.2f req/s, %.0f tok/s, avg latency %.2fs, first token avg %.2fs, SLO %.2f", label,
                  report["throughput_req_s"], report["throughput_tok_s"], report["latency_avg"],

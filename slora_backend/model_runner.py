@@ -86,6 +86,12 @@ def _varlen_attn():
     return attend
 
 
+def adapter_runs(names: list[str | None]) -> int:
+    """Runs of one adapter in row order (base rows count none): the LoRA segments those rows
+    form once equal neighbours are joined, as eager_segments joins them."""
+    return sum(1 for i, n in enumerate(names) if n is not None and (i == 0 or names[i - 1] != n))
+
+
 def eager_segments(adapters: list[str | None], bounds: list[int]) -> tuple[list[int], list[str | None], int]:
     """LoRA segments of an eager step's rows: (seg_starts, adapter per segment, max_seg_len).
 
@@ -169,17 +175,20 @@ def eager_warmup_steps(spec: ModelSpec, page_width: int, dtype, ranks: list[int]
 
 class ModelRunner:
     def __init__(self, spec: ModelSpec, weights: BaseWeights, pool: torch.Tensor, ops,
-                 max_model_len: int, tp=None, lora_decode_rows_gmv: bool = False):
+                 max_model_len: int, tp=None, lora_decode_rows_gmv: bool = False, gmv_min_segments: int = 1):
         """With tensor parallelism `spec` is this rank's shape (tensor_parallel.local_spec),
         `weights` and `pool` its shards, and `tp` its tensor_parallel.TPGroup; None = one GPU.
         lora_decode_rows_gmv: the decode rows of eager steps run their LoRA on the MBGMV
-        kernels (LoraBatch.decode; EngineConfig.lora_decode_rows_gmv)."""
+        kernels (LoraBatch.decode; EngineConfig.lora_decode_rows_gmv) when they form at least
+        gmv_min_segments adapter segments (EngineConfig.lora_decode_gmv_min_segments)."""
         self.spec, self.w, self.pool, self.ops = spec, weights, pool, ops
         self.tp = tp
         # Not with tensor parallelism: its LoRA is shrink, collective, expand (kernels/lora_tp.py)
         # on one table for all rows, and its eager steps are host-launch-bound, so a second
         # shrink/expand pair per LoRA point there would likely cost more than it saves.
         self.lora_decode_rows_gmv = lora_decode_rows_gmv and tp is None
+        self.gmv_min_segments = gmv_min_segments
+        self.decode_part_steps = 0  # eager steps whose decode rows took the MBGMV kernels (benchmarks)
         self.tp_graphs = None  # tp_graphs.TPDecodeGraphs, set once captured
         self.device, self.dtype = pool.device, pool.dtype
         self.max_model_len = max_model_len
@@ -239,8 +248,9 @@ class ModelRunner:
         if all(n is None for n in names):
             return None
         decode_names = names[n_prefill:]
-        if self.lora_decode_rows_gmv and n_prefill and any(n is not None for n in decode_names):
+        if self.lora_decode_rows_gmv and n_prefill and adapter_runs(decode_names) >= max(1, self.gmv_min_segments):
             # Prompt rows on MBGMM segments, decode rows on the MBGMV kernels (LoraBatch.decode).
+            self.decode_part_steps += 1
             return adapters.build_lora_batch(*eager_segments(names[:n_prefill], bounds[: n_prefill + 1]),
                                              decode_names=decode_names)
         return adapters.build_lora_batch(*eager_segments(names, bounds))

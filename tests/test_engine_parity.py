@@ -58,16 +58,20 @@ def test_batched_greedy_matches_hf_peft(setup, backend):
         engine.shutdown()
 
 
-@pytest.mark.parametrize("mix,gmv", [(True, True), (True, False), (False, True)],
-                         ids=["mixed", "mixed-decode-rows-mbgmm", "separate"])
-def test_requests_arriving_while_others_decode_match_hf_peft(setup, mix, gmv):
+@pytest.mark.parametrize("mix,gmv,min_segments,split", [(True, True, 1, True), (True, False, 1, False),
+                                                        (True, True, 4, False), (False, True, 1, False)],
+                         ids=["mixed", "mixed-decode-rows-mbgmm", "mixed-few-segments", "separate"])
+def test_requests_arriving_while_others_decode_match_hf_peft(setup, mix, gmv, min_segments, split):
     """Later requests' prefills meet running ones: with mixing (the default) the running
     requests decode inside those prefill steps (rows of both kinds, both attention paths,
     Triton kernels), their LoRA on the MBGMV kernels (LoraBatch.decode) or, with
-    lora_decode_rows_gmv off, in MBGMM segments with the prompts; tokens stay HF+PEFT's."""
+    lora_decode_rows_gmv off or fewer adapter segments among the decode rows than
+    lora_decode_gmv_min_segments (3 running requests here), in MBGMM segments with the
+    prompts; tokens stay HF+PEFT's."""
     model, adapters, prompts, names, refs = setup
     engine = Engine(EngineConfig(model_dir=str(model), adapter_dir=str(adapters), kernel_backend="triton",
-                                 pool_pages=3000, mix_decode_in_prefill=mix, lora_decode_rows_gmv=gmv))
+                                 pool_pages=3000, mix_decode_in_prefill=mix, lora_decode_rows_gmv=gmv,
+                                 lora_decode_gmv_min_segments=min_segments))
     split_steps = []
     prepare = engine.runner.prepare
 
@@ -86,7 +90,7 @@ def test_requests_arriving_while_others_decode_match_hf_peft(setup, mix, gmv):
             assert tokens_of(outs) == refs[i], f"request {i} adapter {names[i]}"
         mixed = engine.stats()["mixed_steps"]
         assert mixed > 0 if mix else mixed == 0
-        assert any(split_steps) == (mix and gmv)
+        assert any(split_steps) == split
     finally:
         engine.shutdown()
 

@@ -129,3 +129,19 @@ def test_random_mixed_steps(seed):
                 module_ids=tuple(sorted(rng.choice(7, n_mod, replace=False).tolist())),
                 out_widths=tuple(int(w) for w in rng.integers(8, 100, n_mod)), ranks=ranks)
     check_split(case, prompts, decodes, seed=seed)
+
+
+def test_adapter_runs_count_the_segments_decode_rows_form():
+    """The engine splits a mixed step's decode rows off only when they form many adapter
+    segments (EngineConfig.lora_decode_gmv_min_segments): runs of one adapter, base rows none."""
+    from slora_backend.model_runner import adapter_runs, eager_segments
+
+    assert adapter_runs([]) == 0
+    assert adapter_runs([None, None]) == 0
+    assert adapter_runs(["a", "a", "a"]) == 1
+    assert adapter_runs(["a", None, "a", "b", "b", None, "c"]) == 4
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        names = [None if v == 0 else f"a{v}" for v in rng.integers(0, 4, size=int(rng.integers(1, 20)))]
+        _, seg_names, _ = eager_segments(names, list(range(len(names) + 1)))
+        assert adapter_runs(names) == sum(n is not None for n in seg_names)
