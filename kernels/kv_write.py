@@ -3,6 +3,8 @@
 import triton
 import triton.language as tl
 
+from .launch import cdiv, next_pow2
+
 
 @triton.jit
 def _write_kv_kernel(
@@ -33,8 +35,8 @@ def write_kv(pool_layer, k, v, k_pages, v_pages):
     assert k.shape == v.shape == (num_tokens, page_width) and k.stride(1) == v.stride(1) == 1
     if num_tokens == 0:
         return
-    block = min(triton.next_power_of_2(page_width), 1024)
-    grid = (num_tokens, triton.cdiv(page_width, block))
+    block = min(next_pow2(page_width), 1024)
+    grid = (num_tokens, cdiv(page_width, block))
     _write_kv_kernel[grid](
         pool_layer, k, k.stride(0), v, v.stride(0), k_pages, v_pages,
         P=page_width, BLOCK=block, num_warps=4 if block >= 512 else 2,

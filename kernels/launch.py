@@ -26,6 +26,20 @@ import triton
 _JIT_PARAMS = inspect.signature(triton.jit).parameters
 
 
+# Launch-time arithmetic on host ints. triton.cdiv and triton.next_power_of_2 are constexpr
+# functions: called from Python they unwrap every argument first, 5-10 us a call on the CI
+# machine, and an eager step makes hundreds of such calls (every LoRA point, norm, RoPE, ...)
+# on a path that is host-bound. Same results (tests/test_kernel_variants.py checks).
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for b > 0."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (0 for 0), as triton.next_power_of_2."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
 def jit_options(*names: str) -> dict:
     """triton.jit keyword arguments that leave `names` unspecialised: ints not special-cased
     for 1 or for divisibility by 16, pointers not for 16-byte alignment."""

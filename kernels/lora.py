@@ -8,9 +8,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-import triton
 
-from .launch import KernelCall
+from .launch import KernelCall, cdiv, next_pow2
 from .lora_expand import expand_call
 from .lora_fused import lora_fused
 from .lora_shrink import shrink_call
@@ -49,9 +48,9 @@ class LoraLaunchConfig:
     fused_stages: int = 0   # 0: Triton's default
 
     def with_split_k(self, in_width: int, split_k: int) -> "LoraLaunchConfig":
-        k_blocks = triton.cdiv(in_width, self.block_k)
-        per_split = triton.cdiv(k_blocks, max(1, min(split_k, k_blocks))) * self.block_k
-        return replace(self, split_k=triton.cdiv(in_width, per_split), k_per_split=per_split)
+        k_blocks = cdiv(in_width, self.block_k)
+        per_split = cdiv(k_blocks, max(1, min(split_k, k_blocks))) * self.block_k
+        return replace(self, split_k=cdiv(in_width, per_split), k_per_split=per_split)
 
 
 def _page_block(page_width: int, cap: int) -> int:
@@ -82,7 +81,7 @@ def pick_config(max_seg_len: int, max_rank: int, page_width: int, in_width: int,
     256 tokens on distinct S2 adapters / 16 x 256 prefill tokens, CUDA graphs, L2 flushed).
     """
     ieee = dtype == torch.float32
-    rank_pow2 = triton.next_power_of_2(max_rank)
+    rank_pow2 = next_pow2(max_rank)
     if max_seg_len <= GMV_MAX_SEG_LEN:
         # Shrink: rank blocks of 8 rows (a rank-8 adapter next to rank-64 ones idles no
         # lanes), 256 columns (512 B of a page row) per row and step, page ids loaded once
@@ -146,10 +145,10 @@ def split_k_for(cfg, segments: int, max_seg_len: int, max_rank: int, n_mod: int,
     (what the unrolled MBGMV shrink needs). sms = 0 (CPU): no split."""
     if not sms:
         return 1
-    programs = (segments * triton.cdiv(max_seg_len, cfg.block_m) * n_mod
-                * triton.cdiv(max_rank, cfg.block_r))
-    split = triton.next_power_of_2(triton.cdiv(32 * sms, max(programs, 1)))
-    return max(1, min(split, triton.next_power_of_2(triton.cdiv(in_width, 1024)), 16))
+    programs = (segments * cdiv(max_seg_len, cfg.block_m) * n_mod
+                * cdiv(max_rank, cfg.block_r))
+    split = next_pow2(cdiv(32 * sms, max(programs, 1)))
+    return max(1, min(split, next_pow2(cdiv(in_width, 1024)), 16))
 
 
 _group_tables: dict = {}
@@ -258,7 +257,7 @@ def pick_fused_splits(batch, n_mod: int, max_width: int, device) -> int:
         return 1
     programs = batch.seg_adapter.shape[0] * batch.max_seg_len * n_mod
     target = 2 * _sm_count(device.index if device.index is not None else 0)
-    split = triton.next_power_of_2(triton.cdiv(target, programs))
+    split = next_pow2(cdiv(target, programs))
     return max(1, min(split, max_width // 512))
 
 

@@ -9,7 +9,7 @@ column range block by block, so tmp is read once per range rather than once per 
 import triton
 import triton.language as tl
 
-from .launch import KernelCall, jit_options
+from .launch import KernelCall, cdiv, jit_options
 
 
 def _lora_expand(
@@ -145,9 +145,9 @@ def expand_call(y, tmp, pool_layer, batch, group, max_width, cfg) -> KernelCall:
     page_width = pool_layer.shape[1]
     assert cfg.block_r_expand >= max_rank and (cfg.use_dot or cfg.block_m == 1)
     block_m = cfg.expand_block_m or cfg.block_m
-    m_blocks = triton.cdiv(batch.max_seg_len, block_m)
+    m_blocks = cdiv(batch.max_seg_len, block_m)
     cols_per_prog = cfg.block_n * cfg.n_iters
-    n_progs = triton.cdiv(max_width, cols_per_prog)
+    n_progs = cdiv(max_width, cols_per_prog)
     grid = (num_seg * m_blocks, nmod * n_progs)
     common = (
         y, y.stride(0), tmp, pool_layer,

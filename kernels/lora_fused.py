@@ -41,6 +41,7 @@ is set and the step's rank bucket is <= fused_max_rank, otherwise the two-kernel
 import triton
 import triton.language as tl
 
+from .launch import cdiv
 from .lora_expand import _expand_block
 
 
@@ -174,8 +175,8 @@ def lora_fused(x, y, pool_layer, batch, group, max_width, cfg, n_splits):
     page_width = pool_layer.shape[1]
     assert not cfg.use_dot and cfg.block_m == 1, "the fused kernel is the MBGMV path only"
     assert cfg.block_r_expand >= batch.max_rank and n_splits >= 1
-    cols_per_prog = triton.cdiv(triton.cdiv(max_width, n_splits), cfg.block_n) * cfg.block_n
-    n_splits = triton.cdiv(max_width, cols_per_prog)  # no range starts past every width
+    cols_per_prog = cdiv(cdiv(max_width, n_splits), cfg.block_n) * cfg.block_n
+    n_splits = cdiv(max_width, cols_per_prog)  # no range starts past every width
     m_blocks = batch.max_seg_len
     block_k = fused_block_k(cfg, page_width)
     aligned_k = page_width % block_k == 0

@@ -10,7 +10,7 @@ planes that the expand kernel adds up: deterministic, no atomics, no zero-fill.
 import triton
 import triton.language as tl
 
-from .launch import KernelCall, jit_options
+from .launch import KernelCall, cdiv, jit_options
 
 # Arguments that change from one eager (prefill) step to the next stay unspecialised, so that
 # the variants compiled at start-up cover every step (kernels/launch.py). The MBGMV kernel has
@@ -108,8 +108,8 @@ def shrink_call(x, tmp, pool_layer, batch, group, cfg) -> KernelCall:
     page_width = pool_layer.shape[1]
     assert split_k == cfg.split_k and n_rows == x.shape[0]
     assert cfg.use_dot or cfg.block_m == 1
-    m_blocks = triton.cdiv(batch.max_seg_len, cfg.block_m)
-    r_blocks = triton.cdiv(max_rank, cfg.block_r)
+    m_blocks = cdiv(batch.max_seg_len, cfg.block_m)
+    r_blocks = cdiv(max_rank, cfg.block_r)
     grid = (num_seg * m_blocks, nmod * r_blocks, split_k)
     common = (
         x, x.stride(0), tmp, pool_layer,

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import KernelCall
+from .launch import KernelCall, cdiv, next_pow2
 
 _LOG2E = 1.4426950408889634
 
@@ -138,7 +138,7 @@ def split_count(batch: int, kv_heads: int, max_len: int, sm_count: int) -> int:
     programs = batch * kv_heads
     if programs >= target:
         return 1
-    split = max(1, min(triton.cdiv(target, programs), triton.cdiv(max_len, 128), 16))
+    split = max(1, min(cdiv(target, programs), cdiv(max_len, 128), 16))
     # A power of two: NUM_SPLITS is a constexpr, and eager steps (decode rows of a prefill
     # step) must only need variants the start-up warm-up compiled (kernels/launch.py).
     return 1 << (split.bit_length() - 1)
@@ -185,8 +185,8 @@ def _attention_calls(q, pool_layer, kv_pages, seq_lens, sm_scale, o, num_splits,
     page_width = pool_layer.shape[1]
     kv_heads = page_width // head_dim
     group = n_heads // kv_heads
-    block_g = max(16, triton.next_power_of_2(group))
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_g = max(16, next_pow2(group))
+    block_d = max(16, next_pow2(head_dim))
     if num_splits > 1:
         part_o = torch.empty((batch, n_heads, num_splits, head_dim),
                              dtype=torch.float32, device=q.device)
@@ -206,7 +206,7 @@ def _attention_calls(q, pool_layer, kv_pages, seq_lens, sm_scale, o, num_splits,
         calls.append(KernelCall(_decode_attn_merge_kernel, (batch, n_heads), (
             part_o, part_ml, o, o.stride(0), o.stride(1), n_heads), dict(
             D=head_dim, NUM_SPLITS=num_splits,
-            BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d,
+            BLOCK_S=next_pow2(num_splits), BLOCK_D=block_d,
             num_warps=1 if block_d <= 64 else 2)))
     return calls
 

@@ -8,6 +8,8 @@ model dtype before it is normalised, as `h = h + delta` would.
 import triton
 import triton.language as tl
 
+from .launch import next_pow2
+
 
 @triton.jit
 def _rms_norm_kernel(
@@ -41,7 +43,7 @@ def _launch(h, delta, weight, eps):
     out = h.new_empty((n_rows, width))
     if n_rows == 0:
         return out
-    block = triton.next_power_of_2(width)
+    block = next_pow2(width)
     d = h if delta is None else delta
     assert d.shape == h.shape and d.stride(1) == 1
     _rms_norm_kernel[(n_rows,)](

@@ -9,6 +9,8 @@ model dtype, `x * cos` and `rotate_half(x) * sin` are each rounded, then their s
 import triton
 import triton.language as tl
 
+from .launch import cdiv, next_pow2
+
 
 @triton.jit
 def _rope_write_kv_kernel(
@@ -74,9 +76,9 @@ def rope_write_kv(qkv, cos, sin, pool_layer, k_pages, v_pages, n_heads, kv_heads
     assert pool_layer.stride() == (pool_layer.shape[1], 1)
     if n_tokens == 0:
         return
-    block_half = triton.next_power_of_2(head_dim // 2)
-    block_h = max(1, min(16, 2048 // block_half, triton.next_power_of_2(n_heads + 2 * kv_heads)))
-    grid = (n_tokens, triton.cdiv(n_heads + 2 * kv_heads, block_h))
+    block_half = next_pow2(head_dim // 2)
+    block_h = max(1, min(16, 2048 // block_half, next_pow2(n_heads + 2 * kv_heads)))
+    grid = (n_tokens, cdiv(n_heads + 2 * kv_heads, block_h))
     _rope_write_kv_kernel[grid](
         qkv, qkv.stride(0), cos, sin, pool_layer, k_pages, v_pages,
         H=n_heads, HKV=kv_heads, D=head_dim, BLOCK_H=block_h, BLOCK_HALF=block_half,

@@ -3,6 +3,8 @@
 import triton
 import triton.language as tl
 
+from .launch import cdiv, next_pow2
+
 
 @triton.jit
 def _silu_mul_kernel(
@@ -30,8 +32,8 @@ def silu_mul(gate_up):
     out = gate_up.new_empty((n_rows, n))
     if n_rows == 0:
         return out
-    block = min(triton.next_power_of_2(n), 2048)
-    _silu_mul_kernel[(n_rows, triton.cdiv(n, block))](
+    block = min(next_pow2(n), 2048)
+    _silu_mul_kernel[(n_rows, cdiv(n, block))](
         gate_up, gate_up.stride(0), out, out.stride(0), n, BLOCK=block,
         num_warps=max(1, min(8, block // 256)),
     )

@@ -285,3 +285,18 @@ def test_mixed_step_check_has_teeth(warm_steps):
     assert too_few and all(k[0] == "_lora_shrink_gmv/unspecialised" for k in too_few)
     print(f"\ngraph kernels on decode rows: {len(specialised)} variants outside the warm-up; "
           f"warm-up without the K splits: {len(too_few)}")
+
+
+def test_host_arithmetic_equals_tritons():
+    """kernels.launch.cdiv / next_pow2 (plain Python on the launch path) give exactly what
+    triton.cdiv / triton.next_power_of_2 give, so grids and block shapes are unchanged."""
+    import triton
+
+    from kernels.launch import cdiv, next_pow2
+
+    rng = random.Random(2)
+    for n in [*range(0, 4100), *(rng.randint(0, 1 << 40) for _ in range(2000))]:
+        assert next_pow2(n) == triton.next_power_of_2(n), n
+    for _ in range(5000):
+        a, b = rng.randint(-(1 << 33), 1 << 33), rng.choice([1, 2, 3, 7, 16, 64, 128, 1664, rng.randint(1, 1 << 20)])
+        assert cdiv(a, b) == triton.cdiv(a, b), (a, b)
