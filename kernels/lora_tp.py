@@ -49,7 +49,12 @@ def expand_triton(y, tmp, pool_layer, batch, module_ids, out_offsets, widths) ->
     if y.shape[0] == 0:
         return
     assert y.stride(1) == 1 and tmp.is_contiguous() and tmp.shape[-1] <= batch.max_rank
-    cfg = pick_config(batch.max_seg_len, batch.max_rank, pool_layer.shape[1], tmp.shape[-1], y.dtype)
+    # Chosen once per step (every layer asks the same), like step_config for the shrink.
+    key = ("expand", pool_layer.shape[1], tmp.shape[-1], y.dtype)
+    cfg = batch.configs.get(key)
+    if cfg is None:
+        cfg = batch.configs[key] = pick_config(batch.max_seg_len, batch.max_rank, pool_layer.shape[1],
+                                               tmp.shape[-1], y.dtype)
     group = _group_table(module_ids, out_offsets, widths, y.device)
     lora_expand(y, tmp.unsqueeze(0), pool_layer, batch, group, max(widths), cfg)
 
