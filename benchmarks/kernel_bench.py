@@ -637,7 +637,7 @@ def sweep(timer, bw, out: Path, quick: bool = False):
     (out / ("kernel_sweep_quick.json" if quick else "kernel_sweep.json")).write_text(
         json.dumps(report, indent=1))
     # The fastest pairs as a tuning table for kernels.lora.TUNED (decode: the K split stays
-    # with pick_split_k, which depends on the batch).
+    # with split_k_for, which depends on the batch).
     tuning = {}
     for path, case in (("gmv", "decode-256"), ("gmm", "prefill")):
         rows = sorted((c for c in combos if c["case"] == case), key=lambda c: c["t"])
