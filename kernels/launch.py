@@ -40,6 +40,13 @@ def next_pow2(n: int) -> int:
     return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
+def int32_aligned(n: int) -> int:
+    """n int32 elements rounded up to whole 16-byte units. Tables packed end to end into one
+    tensor (one copy or broadcast per step) start each part at such a boundary, so that a
+    part's view is specialised as aligned like a fresh tensor, whatever the sizes before it."""
+    return cdiv(n, 4) * 4
+
+
 def jit_options(*names: str) -> dict:
     """triton.jit keyword arguments that leave `names` unspecialised: ints not special-cased
     for 1 or for divisibility by 16, pointers not for 16-byte alignment."""

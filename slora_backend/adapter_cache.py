@@ -30,6 +30,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
+from kernels.launch import int32_aligned
 from kernels.lora_batch import LoraBatch, module_bits, rank_buckets
 
 from .adapters import AdapterError, AdapterInfo, HostAdapter, load_adapter, resolve_adapter_dir
@@ -117,7 +118,7 @@ def _pack_int32(parts: list[np.ndarray]) -> tuple[np.ndarray, list[int]]:
     offsets, end = [], 0
     for p in parts:
         offsets.append(end)
-        end += -(-len(p) // 4) * 4
+        end += int32_aligned(len(p))
     flat = np.empty(end, dtype=np.int32)
     for o, p in zip(offsets, parts, strict=True):
         flat[o : o + len(p)] = p

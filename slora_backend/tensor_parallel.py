@@ -37,6 +37,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.distributed as dist
 
+from kernels.launch import int32_aligned
 from kernels.lora_batch import LoraBatch
 
 from .adapter_cache import AdapterCache
@@ -273,8 +274,8 @@ def pack_step(inp) -> tuple[tuple, torch.Tensor]:
     for p in parts:
         flat = p.reshape(-1).to(torch.int32)
         pieces.append(flat)
-        if _aligned(flat.numel()) > flat.numel():  # padding is never read: left uninitialised
-            pieces.append(flat.new_empty(_aligned(flat.numel()) - flat.numel()))
+        if int32_aligned(flat.numel()) > flat.numel():  # padding is never read: left uninitialised
+            pieces.append(flat.new_empty(int32_aligned(flat.numel()) - flat.numel()))
     payload = torch.cat(pieces)
     header = (inp.prefill, inp.input_ids.shape[0], inp.last_rows.shape[0], list(inp.seq_bounds), n_dec, max_len,
               lora_meta)
@@ -292,20 +293,15 @@ def _payload_sizes(header: tuple) -> list[int]:
     return sizes
 
 
-# Each part starts on a 16-byte boundary of the payload. The worker's kernels read the parts
-# in place, and Triton compiles a pointer argument that is 16-byte aligned and one that is not
-# as two different binaries (kernels/launch.py): unaligned views would change from step to
-# step with the parts' sizes, and each new combination compiled on the worker in the middle of
-# serving while rank 0 waited in the next collective.
-PART_ALIGN = 4  # int32 elements
-
-
-def _aligned(n: int) -> int:
-    return -(-n // PART_ALIGN) * PART_ALIGN
+# Each part starts on a 16-byte boundary of the payload (kernels.launch.int32_aligned). The
+# worker's kernels read the parts in place, and Triton compiles a pointer argument that is
+# 16-byte aligned and one that is not as two different binaries (kernels/launch.py): unaligned
+# views would change from step to step with the parts' sizes, and each new combination
+# compiled on the worker in the middle of serving while rank 0 waited in the next collective.
 
 
 def payload_size(header: tuple) -> int:
-    return sum(_aligned(n) for n in _payload_sizes(header))
+    return sum(int32_aligned(n) for n in _payload_sizes(header))
 
 
 def unpack_step(header: tuple, payload: torch.Tensor):
@@ -314,7 +310,7 @@ def unpack_step(header: tuple, payload: torch.Tensor):
 
     prefill, n_rows, batch, bounds, n_dec, max_len, lora_meta = header
     sizes = _payload_sizes(header)
-    padded = payload.split([_aligned(n) for n in sizes])
+    padded = payload.split([int32_aligned(n) for n in sizes])
     chunks = iter(part[:n] for part, n in zip(padded, sizes, strict=True))
 
     def take_long():
