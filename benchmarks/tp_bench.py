@@ -93,8 +93,10 @@ def device_info() -> dict:
 
 
 # -- parity ------------------------------------------------------------------------------------
-def run_recorded(config, jobs) -> tuple[list[list[int]], list]:
-    """Greedy tokens of every job and the logits of each of its steps (rank 0's sampler)."""
+def run_recorded(config, jobs) -> tuple[list[list[int]], list, dict]:
+    """Greedy tokens of every job, the logits of each of its steps (rank 0's sampler), and the
+    engine's step counts. The second half of the jobs arrives once the first has its first
+    token, so that mixed steps (prompt rows beside decode rows) are part of the comparison."""
     import torch
 
     from slora_backend.engine import Engine
@@ -110,25 +112,27 @@ def run_recorded(config, jobs) -> tuple[list[list[int]], list]:
 
     engine.sampler.sample = recording_sample
     try:
-        queues, ids = [], []
-        for job in jobs:
+        queues, ids, early = [], [], []
+        half = (len(jobs) + 1) // 2
+        for i, job in enumerate(jobs):
+            if i == half:  # the rest arrive while the first half decodes
+                early.append(queues[0].get(timeout=600))
             q: queue.SimpleQueue = queue.SimpleQueue()
             ids.append(engine.submit(on_output=q.put, **job))
             queues.append(q)
         tokens = []
-        for q in queues:
-            toks = []
-            while True:
-                out = q.get(timeout=600)
-                if out.error is not None:
-                    raise RuntimeError(f"request failed: {out.error}")
-                toks += out.token_ids
-                if out.finished:
-                    break
-            tokens.append(toks)
+        for i, q in enumerate(queues):
+            outs = early if i == 0 else []
+            while not outs or not (outs[-1].finished or outs[-1].error is not None):
+                outs.append(q.get(timeout=600))
+            if outs[-1].error is not None:
+                raise RuntimeError(f"request failed: {outs[-1].error}")
+            tokens.append([t for out in outs for t in out.token_ids])
+        counts = {"steps": engine.steps, "mixed_steps": engine.mixed_steps,
+                  "decode_part_steps": engine.runner.decode_part_steps}
     finally:
         engine.shutdown()
-    return tokens, [torch.stack(recorded[i]) for i in ids]
+    return tokens, [torch.stack(recorded[i]) for i in ids], counts
 
 
 def hf_logits(model_dir, adapter_dir, ids: list[int], start: int, dtype, device) -> object:
@@ -160,11 +164,13 @@ def phase_parity(args) -> dict:
         timer = watchdog(args.startup_timeout, f"parity with TP={tp}")
         cfg = EngineConfig(model_dir=str(model), adapter_dir=str(adapter_dir), dtype=dtype_name,
                            pool_pages=20000, max_batch_size=16, tensor_parallel_size=tp,
-                           cuda_graphs=not args.no_graphs)
+                           cuda_graphs=not args.no_graphs,
+                           lora_decode_gmv_min_segments=1)  # mixed steps' decode rows on MBGMV whenever possible
         runs[tp] = run_recorded(cfg, jobs)
         timer.cancel()
         log.info("parity: TP=%d done in %.1fs", tp, time.monotonic() - t0)
-    (tok1, log1), (tokn, logn) = runs[1], runs[args.tp]
+    (tok1, log1, counts1), (tokn, logn, countsn) = runs[1], runs[args.tp]
+    log.info("parity: step counts TP=1 %s, TP=%d %s", counts1, args.tp, countsn)
     device = "cuda" if cuda else "cpu"
     rows, ok, worst = [], True, 0.0
     for p, n, t1, tn, l1, ln in zip(prompts, names, tok1, tokn, log1, logn, strict=True):
@@ -185,7 +191,8 @@ def phase_parity(args) -> dict:
                          rel_err_tp_vs_tp1=rel, rel_err_tp_vs_fp32=tp_err, rel_err_hf_vs_fp32=hf_err, passed=passed))
         log.info("parity %-16s len=%3d same tokens %2d/%d  TP%d vs TP1 %.2e  vs fp32 %.2e (HF %s %.2e) %s", n,
                  len(p), same, len(t1), args.tp, rel, tp_err, dtype_name, hf_err, "PASS" if passed else "FAIL")
-    return {"dtype": dtype_name, "tp": args.tp, "max_rel_err_tp_vs_tp1": worst, "passed": ok, "requests": rows}
+    return {"dtype": dtype_name, "tp": args.tp, "max_rel_err_tp_vs_tp1": worst, "passed": ok, "requests": rows,
+            "steps": {"tp1": counts1, f"tp{args.tp}": countsn}}
 
 
 # -- workload -------------------------------------------------------------------------------------

@@ -233,17 +233,21 @@ def launch_config(segments: int, max_seg_len: int, max_rank: int, n_mod: int, pa
     return cfg.with_split_k(in_width, split_k)
 
 
-def eager_decode_warmups(groups, page_width: int, dtype, ranks, max_rows: int, sms: int) -> list[tuple[int, int]]:
+def eager_decode_warmups(groups, page_width: int, dtype, ranks, max_rows: int, sms: int,
+                         tp_size: int = 1) -> list[tuple[int, int]]:
     """(rank bucket, decode rows) of warm-up steps that launch every MBGMV variant the decode
     part of an eager step (LoraBatch.decode) can take: per rank bucket, one step per distinct
     set of K splits that 1..max_rows decode rows give the projection `groups` ((n_mod,
-    in_width) each) on a GPU of `sms` SMs. Block shapes follow the bucket and the unrolled
-    shrink's trip count the split; the kernels' other ints are unspecialised there."""
+    in_width, column-split) each) on a GPU of `sms` SMs. Block shapes follow the bucket and the
+    unrolled shrink's trip count the split; the kernels' other ints are unspecialised there.
+    Under tensor parallelism (tp_size > 1) a column-split group shrinks ceil(rank / tp_size)
+    rank rows per GPU (slora_backend/tensor_parallel.py)."""
     steps: dict = {}
     for rank in ranks:
         for rows in range(1, max_rows + 1):
-            splits = tuple(launch_config(rows, 1, rank, n_mod, page_width, in_width, dtype, sms,
-                                         eager_decode=True).k_per_split for n_mod, in_width in groups)
+            splits = tuple(launch_config(rows, 1, cdiv(rank, tp_size) if column else rank, n_mod, page_width,
+                                         in_width, dtype, sms, eager_decode=True).k_per_split
+                           for n_mod, in_width, column in groups)
             steps.setdefault((rank, splits), rows)
     return [(rank, rows) for (rank, _), rows in steps.items()]
 

@@ -4,12 +4,14 @@ Single-GPU LoRA (`lora_apply`) runs shrink and expand back to back. Under tensor
 (slora_backend/tensor_parallel.py) the small `(T, modules, rank)` intermediate crosses the
 GPUs between them (all-gather or all-reduce), so the two halves are exposed here:
 
-    tmp = shrink(x, pool_layer, batch, module_ids)          # (T, NMOD, batch.max_rank) fp32
+    tmp = shrink(x, pool_layer, batch, module_ids, out=None)   # (T, NMOD, batch.max_rank) fp32
     ... collective on tmp ...
     expand(y, tmp, pool_layer, batch, module_ids, out_offsets, widths)
 
 `tmp` entries of rows without an adapter, or past a module's rank, are undefined (never read
-by expand). The Triton versions call the existing launchers (kernels/lora_shrink.py,
+by expand). `out`, when given, is a (T, NMOD, W >= batch.max_rank) fp32 block of rows to
+write instead (a step's kernel paths share one intermediate: tensor_parallel.TPLoraStep).
+The Triton versions call the existing launchers (kernels/lora_shrink.py,
 kernels/lora_expand.py) with the configuration lora.py would pick; the torch versions are the
 CPU twins. `get_tp_lora_ops(backend)` returns the pair.
 """
@@ -24,21 +26,31 @@ from .lora import _group_table  # one table per distinct group, shared with lora
 
 
 # -- Triton ------------------------------------------------------------------------------
-def shrink_triton(x, pool_layer, batch, module_ids) -> torch.Tensor:
-    """(T, NMOD, batch.max_rank) fp32: x @ A^T of every row's adapter, per module slot."""
+def _shrink_out(x, batch, n_mod: int, out) -> torch.Tensor:
+    if out is None:
+        return torch.empty((x.shape[0], n_mod, batch.max_rank), dtype=torch.float32, device=x.device)
+    assert out.shape[:2] == (x.shape[0], n_mod) and out.shape[2] >= batch.max_rank and out.is_contiguous()
+    return out
+
+
+def shrink_triton(x, pool_layer, batch, module_ids, out=None) -> torch.Tensor:
+    """(T, NMOD, batch.max_rank) fp32 (or `out`): x @ A^T of every row's adapter, per module slot."""
     from .lora import step_config
     from .lora_shrink import lora_shrink
 
     n_mod, n_rows = len(module_ids), x.shape[0]
     page_width = pool_layer.shape[1]
     assert x.stride(1) == 1 and x.dtype == pool_layer.dtype
+    out = _shrink_out(x, batch, n_mod, out)
     cfg = step_config(batch, n_mod, page_width, x.shape[1], x.dtype, x.device)
-    tmp = torch.empty((cfg.split_k, n_rows, n_mod, batch.max_rank), dtype=torch.float32, device=x.device)
+    # K-split partial sums are added here, so the collective moves one plane.
+    tmp = out.unsqueeze(0) if cfg.split_k == 1 else out.new_empty((cfg.split_k, *out.shape))
     if n_rows:
         group = _group_table(module_ids, [0] * n_mod, [0] * n_mod, x.device)  # shrink reads the module only
         lora_shrink(x, tmp, pool_layer, batch, group, cfg)
-    # K-split partial sums are added here, so the collective moves one plane.
-    return tmp[0] if cfg.split_k == 1 else tmp.sum(0)
+    if cfg.split_k > 1:
+        torch.sum(tmp, 0, out=out)
+    return out
 
 
 def expand_triton(y, tmp, pool_layer, batch, module_ids, out_offsets, widths) -> None:
@@ -78,8 +90,8 @@ def _rows_by_adapter(batch) -> dict[int, torch.Tensor]:
     return {a: torch.cat(parts).to(batch.seg_starts.device) for a, parts in spans.items()}
 
 
-def shrink_torch(x, pool_layer, batch, module_ids) -> torch.Tensor:
-    tmp = torch.zeros((x.shape[0], len(module_ids), batch.max_rank), dtype=torch.float32, device=x.device)
+def shrink_torch(x, pool_layer, batch, module_ids, out=None) -> torch.Tensor:
+    tmp = _shrink_out(x, batch, len(module_ids), out).zero_()
     ranks, a_starts = batch.ranks.tolist(), batch.a_starts.tolist()
     for a, rows in _rows_by_adapter(batch).items():
         xa = x.index_select(0, rows)

@@ -65,6 +65,9 @@ class LoraTables:
     total_pages: int = 0
     max_rank: int = 0
     modules: int = 0  # bitmask of the modules some adapter targets (LoraBatch.modules)
+    # (A,) each adapter's own rank. Under tensor parallelism ints[0] holds a shard's ranks
+    # (ceil(r/N) on column-split modules), which are not the rank the step is sized by.
+    adapter_ranks: np.ndarray | None = None
 
 
 def device_lora_batch(t: LoraTables, seg_starts: list[int], max_seg_len: int, dev: torch.device,
@@ -74,8 +77,8 @@ def device_lora_batch(t: LoraTables, seg_starts: list[int], max_seg_len: int, de
     `seg_starts` and `max_seg_len` describe the first len(seg_starts) - 1 entries of
     t.seg_adapter. Entries past them are decode rows, one row each, following the segments'
     rows: they become the batch's decode part (LoraBatch.decode, MBGMV kernels), whose max_rank
-    is rounded up to one of `rank_buckets`. Only built without tensor parallelism, where
-    t.ints[0] holds each adapter's own ranks.
+    is rounded up to one of `rank_buckets`. Both parts' max_rank are adapters' own ranks
+    (t.adapter_ranks), as the whole batch's is, with or without tensor parallelism.
     """
     n_seg = len(seg_starts) - 1
     seg_adapter = np.asarray(t.seg_adapter, dtype=np.int32)
@@ -95,7 +98,7 @@ def device_lora_batch(t: LoraTables, seg_starts: list[int], max_seg_len: int, de
                       scales=views[1].view(torch.float32).view(7, n_adapters), a_starts=ints[1], b_starts=ints[2],
                       page_ids=page_ids, max_rank=t.max_rank, max_seg_len=max_seg_len, modules=t.modules)
     if n_decode:
-        rank_of = t.ints[0].max(axis=0)  # (A,) each adapter's largest rank
+        rank_of = t.ints[0].max(axis=0) if t.adapter_ranks is None else t.adapter_ranks  # (A,)
 
         def max_rank(slots: np.ndarray) -> int:
             slots = slots[slots >= 0]
@@ -434,7 +437,8 @@ class AdapterCache:
                           ints=ints, scales=scales, page_id_parts=[res.page_ids for res in residents],
                           total_pages=int(n_pages.sum()),
                           max_rank=max((res.host.rank for res in residents), default=0),
-                          modules=module_bits(np.flatnonzero(targeted).tolist()))
+                          modules=module_bits(np.flatnonzero(targeted).tolist()),
+                          adapter_ranks=np.array([res.host.rank for res in residents], dtype=np.int64))
 
     def build_lora_batch(self, seg_starts: list[int], seg_names: list[str | None], max_seg_len: int,
                          decode_names: list[str | None] = ()) -> LoraBatch:

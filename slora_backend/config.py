@@ -24,8 +24,9 @@ class EngineConfig:
     mix_decode_in_prefill: bool = True
     # In those mixed steps, the decode rows' LoRA runs on the MBGMV kernels (per-row, as in
     # decode graphs) and the prompt rows' on MBGMM, instead of every row on MBGMM (one-row
-    # segments: too few, too long programs). Compiled at start-up either way; not under tensor
-    # parallelism (model_runner.py). false = the combined path (benchmark A/B).
+    # segments: too few, too long programs). Compiled at start-up either way; under tensor
+    # parallelism both parts share each LoRA point's collective (tensor_parallel.TPLoraStep).
+    # false = the combined path (benchmark A/B).
     lora_decode_rows_gmv: bool = True
     # ... but only when those decode rows form at least this many adapter segments (runs of
     # one adapter; the scheduler sorts decode rows by adapter). MBGMV reads an adapter once per

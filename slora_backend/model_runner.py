@@ -153,22 +153,24 @@ def warmup_inputs(spec: ModelSpec, page_width: int, device, rows: int, rank: int
                       lora=lora)
 
 
-def lora_groups(spec: ModelSpec) -> list[tuple[int, int]]:
-    """(modules, input width) of the forward's LoRA points (run_layers): q,k,v; o; gate,up; down."""
-    return [(3, spec.hidden), (1, spec.q_width), (2, spec.hidden), (1, spec.intermediate)]
+def lora_groups(spec: ModelSpec) -> list[tuple[int, int, bool]]:
+    """(modules, input width, split by output columns under tensor parallelism) of the
+    forward's LoRA points (run_layers): q,k,v; o; gate,up; down."""
+    return [(3, spec.hidden, True), (1, spec.q_width, False), (2, spec.hidden, True), (1, spec.intermediate, False)]
 
 
 def eager_warmup_steps(spec: ModelSpec, page_width: int, dtype, ranks: list[int], max_decode_rows: int = 0,
-                       sms: int = 0) -> list[dict]:
+                       sms: int = 0, tp_size: int = 1) -> list[dict]:
     """warmup_inputs arguments of the start-up steps (ModelRunner.warm_up_eager) on a GPU of
     `sms` SMs: a LoRA prefill per (MBGMM row block, rank bucket); a decode row beside a prefill
     per attention split count (powers of two: paged_attention._num_splits); with
     max_decode_rows, decode rows on the MBGMV kernels beside a prefill per (rank bucket, K
-    splits) that up to that many of them can take (kernels/lora.py: eager_decode_warmups)."""
+    splits) that up to that many of them can take (kernels/lora.py: eager_decode_warmups). With
+    tensor parallelism `spec` is one rank's shape and `tp_size` the ranks."""
     steps = [dict(rows=rows, rank=rank) for rank in ranks for rows in (16, 64)]  # lora.py: row blocks
     steps += [dict(rows=16, rank=0, decode_width=128 * split) for split in (1, 2, 4, 8, 16)]
     if max_decode_rows:
-        plan = eager_decode_warmups(lora_groups(spec), page_width, dtype, ranks, max_decode_rows, sms)
+        plan = eager_decode_warmups(lora_groups(spec), page_width, dtype, ranks, max_decode_rows, sms, tp_size)
         steps += [dict(rows=16, rank=0, decode_width=8, decode_rows=rows, decode_rank=rank) for rank, rows in plan]
     return steps
 
@@ -183,10 +185,9 @@ class ModelRunner:
         gmv_min_segments adapter segments (EngineConfig.lora_decode_gmv_min_segments)."""
         self.spec, self.w, self.pool, self.ops = spec, weights, pool, ops
         self.tp = tp
-        # Not with tensor parallelism: its LoRA is shrink, collective, expand (kernels/lora_tp.py)
-        # on one table for all rows, and its eager steps are host-launch-bound, so a second
-        # shrink/expand pair per LoRA point there would likely cost more than it saves.
-        self.lora_decode_rows_gmv = lora_decode_rows_gmv and tp is None
+        # With tensor parallelism too: both parts write one intermediate, so a LoRA point keeps
+        # one collective (tensor_parallel.TPLoraStep).
+        self.lora_decode_rows_gmv = lora_decode_rows_gmv
         self.gmv_min_segments = gmv_min_segments
         self.decode_part_steps = 0  # eager steps whose decode rows took the MBGMV kernels (benchmarks)
         self.tp_graphs = None  # tp_graphs.TPDecodeGraphs, set once captured
@@ -272,7 +273,7 @@ class ModelRunner:
         size = 1 if self.tp is None else self.tp.size
         page = self.pool.shape[-1]
         steps = eager_warmup_steps(self.spec, page, self.dtype, ranks,
-                                   max_decode_rows if self.lora_decode_rows_gmv else 0, sm_count(self.device))
+                                   max_decode_rows if self.lora_decode_rows_gmv else 0, sm_count(self.device), size)
         for kw in steps:
             self.forward(warmup_inputs(self.spec, page, self.device, tp_size=size, **kw))
         return len(steps)

@@ -37,7 +37,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.distributed as dist
 
-from kernels.launch import int32_aligned
+from kernels.launch import int32_aligned, next_pow2
 from kernels.lora_batch import LoraBatch
 
 from .adapter_cache import AdapterCache
@@ -177,12 +177,36 @@ def shard_adapter(full: HostAdapter, spec: ModelSpec, n: int, rank: int, pin: bo
 
 # -- the forward pass's collectives -----------------------------------------------------------
 @dataclass
-class TPLoraStep:
-    """One step's LoRA tables, as each half of a sharded projection reads them."""
+class TPLoraPart:
+    """The rows of one kernel path of a step (kernels/lora.py: lora_parts) and their tables,
+    as each half of a sharded projection reads them."""
 
-    column_shrink: LoraBatch  # ranks = ceil(r/N) per column module; max_rank = ceil(max r / N)
+    rows: slice  # rows of the projection's input and output
+    tmp_rows: slice  # the same rows in the step's shared intermediate
+    column_shrink: LoraBatch  # ranks = ceil(r/N) per column module; max_rank = the step's ceil(R/N)
     column_expand: LoraBatch  # ranks = N*ceil(r/N): the gathered intermediate's rows
     row: LoraBatch  # o/down: the full rank on both halves
+
+
+@dataclass
+class TPLoraStep:
+    """One step's sharded LoRA: its parts (the prompt rows on MBGMM and, in a mixed step, the
+    decode rows on MBGMV, as on one GPU) write one shared intermediate per LoRA point, so one
+    collective serves both."""
+
+    parts: list[TPLoraPart]
+    rank: int  # R: the intermediate's width, (T', 1, R) row-split; (T', k, ceil(R/N)) per rank column-split
+    tmp_pad: int = 0  # rows of padding before the decode rows in the intermediate (T' = T + tmp_pad)
+
+    def column_rank(self, n: int) -> int:
+        return -(-self.rank // n)
+
+
+def _decode_rows_pad(decode_start: int) -> int:
+    """Padding rows that start the decode rows' intermediate on a multiple of 4 rows: its fp32
+    rows are then 16-byte aligned, the pointer alignment the kernels were compiled for
+    (kernels/launch.py; the warm-up's decode parts start at 16 rows)."""
+    return -decode_start % 4
 
 
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -225,19 +249,48 @@ class TPGroup:
         dist.all_reduce(t)
 
     def lora_step(self, lora: LoraBatch) -> TPLoraStep:
-        # TP steps keep every row on one table (ModelRunner.lora_decode_rows_gmv is off here), so
-        # that one collective moves the whole step's intermediate.
-        assert lora.decode is None, "tensor-parallel steps have no MBGMV decode part"
-        local = -(-lora.max_rank // self.size)
-        return TPLoraStep(column_shrink=replace(lora, max_rank=local),
+        """The step's parts with their sharded tables (tensor_parallel.py docstring)."""
+        dec = lora.decode
+        if dec is None:
+            return TPLoraStep([self._part(lora, slice(None), slice(None), lora.max_rank)], lora.max_rank)
+        # Both parts write one intermediate of one width: a power of two (>= 8), so that its
+        # kernel variants are those of a rank bucket (the warm-up's: model_runner.py).
+        rank = max(8, next_pow2(max(lora.max_rank, dec.max_rank)))
+        start, pad = lora.decode_start, _decode_rows_pad(lora.decode_start)
+        parts = []
+        if lora.max_rank:
+            parts.append(self._part(lora, slice(0, start), slice(0, start), rank))
+        if dec.max_rank:
+            parts.append(self._part(dec, slice(start, None), slice(start + pad, None), rank))
+        return TPLoraStep(parts, rank, pad)
+
+    def _part(self, lora: LoraBatch, rows: slice, tmp_rows: slice, rank: int) -> TPLoraPart:
+        local = -(-rank // self.size)
+        return TPLoraPart(rows, tmp_rows, column_shrink=replace(lora, max_rank=local),
                           column_expand=replace(lora, ranks=lora.ranks * self.size, max_rank=local * self.size),
-                          row=lora)
+                          row=replace(lora, max_rank=rank))
+
+    def shrink_parts(self, x, pool_layer, step: TPLoraStep, module_ids, column: bool) -> torch.Tensor:
+        """This rank's (T', k, width) intermediate of a LoRA point, every part written."""
+        width = step.column_rank(self.size) if column else step.rank
+        tmp = torch.empty((x.shape[0] + step.tmp_pad, len(module_ids), width), dtype=torch.float32,
+                          device=x.device)
+        for p in step.parts:
+            self.ops.shrink(x[p.rows], pool_layer, p.column_shrink if column else p.row, module_ids,
+                            out=tmp[p.tmp_rows])
+        return tmp
+
+    def expand_parts(self, y, tmp, pool_layer, step: TPLoraStep, module_ids, out_offsets, widths,
+                     column: bool) -> None:
+        for p in step.parts:
+            self.ops.expand(y[p.rows], tmp[p.tmp_rows], pool_layer, p.column_expand if column else p.row,
+                            module_ids, out_offsets, widths)
 
     def lora_column(self, x, y, pool_layer, step: TPLoraStep, module_ids, out_offsets) -> None:
         """y (this rank's output columns) += LoRA of a column-split projection group."""
         bounds = (*out_offsets[1:], y.shape[1])
         widths = [end - off for off, end in zip(out_offsets, bounds, strict=True)]
-        part = self.ops.shrink(x, pool_layer, step.column_shrink, module_ids)  # (T, k, R/N)
+        part = self.shrink_parts(x, pool_layer, step, module_ids, column=True)  # (T', k, R/N)
         if self.skip_lora_collectives:  # same shapes and copies, no communication
             gathered = part.repeat(self.size, 1, 1)
         else:
@@ -245,14 +298,15 @@ class TPGroup:
                                    device=part.device)
             _all_gather(gathered, part)
         full = join_rank_rows(gathered, self.size)
-        self.ops.expand(y, full, pool_layer, step.column_expand, module_ids, out_offsets, widths)
+        self.expand_parts(y, full, pool_layer, step, module_ids, out_offsets, widths, column=True)
 
     def lora_row(self, x, y, pool_layer, step: TPLoraStep, module: int) -> None:
         """y (the base partial sum, hidden wide) += LoRA of a row-split projection, before its all-reduce."""
-        part = self.ops.shrink(x, pool_layer, step.row, (module,))  # (T, 1, R): partial over inputs
+        part = self.shrink_parts(x, pool_layer, step, (module,), column=False)  # (T', 1, R): partial over inputs
         if not self.skip_lora_collectives:
             dist.all_reduce(part)
-        self.ops.expand(y, part, pool_layer, step.row, (module,), (self.hidden_offset,), (self.hidden_width,))
+        self.expand_parts(y, part, pool_layer, step, (module,), (self.hidden_offset,), (self.hidden_width,),
+                          column=False)
 
 
 # -- step inputs from rank 0 to the workers -------------------------------------------------
@@ -266,10 +320,14 @@ def pack_step(inp) -> tuple[tuple, torch.Tensor]:
         parts += [inp.kv_table, inp.seq_lens]
     lora_meta = None
     if lora is not None:
+        dec = lora.decode  # a mixed step's decode rows on MBGMV: (first row, rows, max_rank)
+        dec_meta = None if dec is None else (lora.decode_start, dec.seg_adapter.shape[0], dec.max_rank)
         lora_meta = (lora.seg_adapter.shape[0], lora.ranks.shape[1], lora.page_ids.shape[0], lora.max_rank,
-                     lora.max_seg_len, lora.modules)
+                     lora.max_seg_len, lora.modules, dec_meta)
         parts += [lora.seg_starts, lora.seg_adapter, lora.ranks, lora.a_starts, lora.b_starts,
                   lora.scales.contiguous().view(torch.int32), lora.page_ids]
+        if dec is not None:
+            parts += [dec.seg_starts, dec.seg_adapter]
     pieces = []
     for p in parts:
         flat = p.reshape(-1).to(torch.int32)
@@ -290,6 +348,9 @@ def _payload_sizes(header: tuple) -> list[int]:
     if lora_meta is not None:
         n_seg, n_adapters, n_ids = lora_meta[:3]
         sizes += [n_seg + 1, n_seg] + [7 * n_adapters] * 4 + [n_ids]
+        if lora_meta[-1] is not None:
+            n_dec_rows = lora_meta[-1][1]
+            sizes += [n_dec_rows + 1, n_dec_rows]
     return sizes
 
 
@@ -325,12 +386,16 @@ def unpack_step(header: tuple, payload: torch.Tensor):
         seq_lens = next(chunks)
     lora = None
     if lora_meta is not None:
-        n_seg, n_adapters, _, max_rank, max_seg_len, modules = lora_meta
+        n_seg, n_adapters, _, max_rank, max_seg_len, modules, dec_meta = lora_meta
         seg_starts, seg_adapter = next(chunks), next(chunks)
         ranks, a_starts, b_starts, scales = (next(chunks).view(7, n_adapters) for _ in range(4))
         lora = LoraBatch(seg_starts=seg_starts, seg_adapter=seg_adapter, ranks=ranks, scales=scales.view(torch.float32),
                          a_starts=a_starts, b_starts=b_starts, page_ids=next(chunks), max_rank=max_rank,
                          max_seg_len=max_seg_len, modules=modules)
+        if dec_meta is not None:  # as adapter_cache.device_lora_batch builds it on rank 0
+            lora.decode = replace(lora, seg_starts=next(chunks), seg_adapter=next(chunks), max_seg_len=1,
+                                  max_rank=dec_meta[2], eager_decode=True)
+            lora.decode_start = dec_meta[0]
     return StepInputs(prefill=prefill, input_ids=ids, positions=positions, k_pages=k_pages, v_pages=v_pages,
                       last_rows=last_rows, seq_bounds=bounds,
                       kv_table=kv_table, seq_lens=seq_lens, lora=lora)

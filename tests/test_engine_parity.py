@@ -59,15 +59,15 @@ def test_batched_greedy_matches_hf_peft(setup, backend):
 
 
 @pytest.mark.parametrize("mix,gmv,min_segments,split", [(True, True, 1, True), (True, False, 1, False),
-                                                        (True, True, 4, False), (False, True, 1, False)],
+                                                        (True, True, 8, False), (False, True, 1, False)],
                          ids=["mixed", "mixed-decode-rows-mbgmm", "mixed-few-segments", "separate"])
 def test_requests_arriving_while_others_decode_match_hf_peft(setup, mix, gmv, min_segments, split):
     """Later requests' prefills meet running ones: with mixing (the default) the running
     requests decode inside those prefill steps (rows of both kinds, both attention paths,
     Triton kernels), their LoRA on the MBGMV kernels (LoraBatch.decode) or, with
     lora_decode_rows_gmv off or fewer adapter segments among the decode rows than
-    lora_decode_gmv_min_segments (3 running requests here), in MBGMM segments with the
-    prompts; tokens stay HF+PEFT's."""
+    lora_decode_gmv_min_segments (8: more than the 7 requests, whatever steps their
+    admissions fall in), in MBGMM segments with the prompts; tokens stay HF+PEFT's."""
     model, adapters, prompts, names, refs = setup
     engine = Engine(EngineConfig(model_dir=str(model), adapter_dir=str(adapters), kernel_backend="triton",
                                  pool_pages=3000, mix_decode_in_prefill=mix, lora_decode_rows_gmv=gmv,

@@ -16,6 +16,7 @@ import queue
 import random
 import signal
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -97,27 +98,53 @@ def _page_ids(sizes: list[int], seed: int) -> list[list[int]]:
     return out
 
 
+def _with_decode_part(batch: LoraBatch, decode_adapter: list[int], rank: int) -> LoraBatch:
+    """`batch` followed by one decode row per entry of decode_adapter, on the MBGMV kernels (as
+    adapter_cache.device_lora_batch builds a mixed step's tables)."""
+    n_dec = len(decode_adapter)
+    batch.decode = replace(batch, seg_starts=torch.arange(n_dec + 1, dtype=torch.int32),
+                           seg_adapter=torch.tensor(decode_adapter, dtype=torch.int32), max_seg_len=1,
+                           max_rank=rank, eager_decode=True)
+    batch.decode_start = int(batch.seg_starts[-1])
+    return batch
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("n", [2, 3, 4])
-@pytest.mark.parametrize("segments", ["decode", "prefill", "rank1"])
+@pytest.mark.parametrize("segments", ["decode", "prefill", "rank1", "mixed", "mixed-base-prompts"])
 def test_sharded_lora_delta_equals_unsharded(backend, n, segments):
     full = [_full_adapter(f"a{i}", r, t, seed=i) for i, (r, t) in enumerate(ADAPTERS)]
+    decode_rows = None  # mixed steps: decode rows after the segments' rows, a part of their own
     if segments == "decode":  # MBGMV path: short segments, one of them base-only
         seg_starts, seg_adapter = [0, 2, 4, 5, 8], [-1, 0, 1, 2]
     elif segments == "prefill":  # MBGMM path
         seg_starts, seg_adapter = [0, 20, 23, 40], [2, -1, 0]
+    elif segments == "mixed":  # 11 prompt rows (an odd count: the decode rows' intermediate is padded)
+        seg_starts, seg_adapter, decode_rows = [0, 6, 11], [2, -1], [0, 1, -1, 2, 0]
+    elif segments == "mixed-base-prompts":  # no prompt row has an adapter: the prompt part is skipped
+        seg_starts, seg_adapter, decode_rows = [0, 7], [-1], [1, 1, 2]
     else:  # the step's largest rank below N: one intermediate column per rank
         full = full[1:2]
         seg_starts, seg_adapter = [0, 1, 3], [0, -1]
-    rows = seg_starts[-1]
-    ref_pool, ref_batch = _pool_and_batch(full, seg_starts, seg_adapter,
-                                          _page_ids([a.n_pages for a in full], seed=1))
+    rows = seg_starts[-1] + len(decode_rows or ())
+
+    def step_batch(adapters, page_ids) -> tuple[torch.Tensor, LoraBatch]:
+        pool, batch = _pool_and_batch(adapters, seg_starts, seg_adapter, page_ids)
+        if decode_rows is not None:
+            prompt_ranks = [full[a].rank for a in seg_adapter if a >= 0]
+            batch.max_rank = max(prompt_ranks, default=0)  # the parts' own ranks, as on rank 0
+            _with_decode_part(batch, decode_rows, rank=8)  # the rank bucket of ranks <= 8
+        return pool, batch
+
+    ref_pool, ref_batch = step_batch(full, _page_ids([a.n_pages for a in full], seed=1))
     shards = [[shard_adapter(a, SPEC, n, i) for a in full] for i in range(n)]
     shard_ids = _page_ids([a.n_pages for a in shards[0]], seed=2)  # the same page ids on every rank
-    ranks = [_pool_and_batch(shards[i], seg_starts, seg_adapter, shard_ids) for i in range(n)]
+    ranks = [step_batch(shards[i], shard_ids) for i in range(n)]
     groups = [TPGroup(n, i, SPEC, get_tp_lora_ops(backend)) for i in range(n)]
     steps = [g.lora_step(batch) for g, (_, batch) in zip(groups, ranks, strict=True)]
-    ref_ops, tp_ops = get_ops("torch"), get_tp_lora_ops(backend)
+    if decode_rows is not None:
+        assert len(steps[0].parts) == (2 if segments == "mixed" else 1)
+    ref_ops = get_ops("torch")
     torch.manual_seed(0)
     layer = SPEC.layers - 1  # not layer 0: shards must keep every layer's own weights
     q, kv, mlp = SPEC.q_width, SPEC.kv_width, SPEC.intermediate
@@ -127,14 +154,14 @@ def test_sharded_lora_delta_equals_unsharded(backend, n, segments):
         x = torch.randn(rows, SPEC.hidden)
         want = torch.zeros(rows, sum(widths))
         ref_ops.lora_apply(x, want, ref_pool[layer], ref_batch, mods, offsets)
-        parts = [tp_ops.shrink(x, pool[layer], st.column_shrink, mods)
-                 for (pool, _), st in zip(ranks, steps, strict=True)]
+        parts = [g.shrink_parts(x, pool[layer], st, mods, column=True)
+                 for g, (pool, _), st in zip(groups, ranks, steps, strict=True)]
         joined = join_rank_rows(torch.cat(parts), n)
         for i, ((pool, _), st) in enumerate(zip(ranks, steps, strict=True)):
             local = [w // n for w in widths]
             got = torch.zeros(rows, sum(local))
-            tp_ops.expand(got, joined, pool[layer], st.column_expand, mods,
-                          [sum(local[:j]) for j in range(len(mods))], local)
+            groups[i].expand_parts(got, joined, pool[layer], st, mods, [sum(local[:j]) for j in range(len(mods))],
+                                   local, column=True)
             for j, (off, w) in enumerate(zip(offsets, local, strict=True)):
                 expect = want[:, off + i * w : off + (i + 1) * w]
                 torch.testing.assert_close(got[:, sum(local[:j]) : sum(local[:j]) + w], expect,
@@ -146,13 +173,13 @@ def test_sharded_lora_delta_equals_unsharded(backend, n, segments):
         want = torch.zeros(rows, SPEC.hidden)
         ref_ops.lora_apply(x, want, ref_pool[layer], ref_batch, (mod,), (0,))
         cut = [rank_slices(SPEC, n, i).q if mod == 3 else rank_slices(SPEC, n, i).mlp for i in range(n)]
-        parts = [tp_ops.shrink(x[:, cut[i]].contiguous(), ranks[i][0][layer], steps[i].row, (mod,))
+        parts = [groups[i].shrink_parts(x[:, cut[i]].contiguous(), ranks[i][0][layer], steps[i], (mod,), column=False)
                  for i in range(n)]
-        reduced = torch.stack(parts).sum(0)
+        reduced = torch.stack(parts).nan_to_num().sum(0)  # rows no part writes hold garbage, never read
         got = torch.zeros(rows, SPEC.hidden)  # the base partial sums' all-reduce adds the disjoint slices
         for i in range(n):
-            tp_ops.expand(got, reduced, ranks[i][0][layer], steps[i].row, (mod,), (groups[i].hidden_offset,),
-                          (groups[i].hidden_width,))
+            groups[i].expand_parts(got, reduced, ranks[i][0][layer], steps[i], (mod,), (groups[i].hidden_offset,),
+                                   (groups[i].hidden_width,), column=False)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
@@ -222,6 +249,8 @@ def assert_parts_aligned(inp) -> None:
     if inp.lora is not None:
         tensors |= {f"lora.{f}": getattr(inp.lora, f) for f in ("seg_starts", "seg_adapter", "ranks", "scales",
                                                                "a_starts", "b_starts", "page_ids")}
+        if inp.lora.decode is not None:
+            tensors |= {f"lora.decode.{f}": getattr(inp.lora.decode, f) for f in ("seg_starts", "seg_adapter")}
     misaligned = [name for name, t in tensors.items() if t is not None and t.data_ptr() % 16]
     assert not misaligned, misaligned
 
@@ -240,6 +269,32 @@ def test_mixed_step_inputs_survive_packing():
         assert torch.equal(getattr(out, field), getattr(inp, field)), field
     assert out.prefill and out.seq_bounds == [0, 3] and out.lora is None
     assert_parts_aligned(out)
+
+
+def test_mixed_step_lora_decode_part_survives_packing():
+    """A mixed step whose decode rows run their LoRA on MBGMV (LoraBatch.decode): the workers
+    rebuild the same decode part, sharing the step's adapter tables."""
+    from slora_backend.model_runner import StepInputs
+
+    lora = LoraBatch(seg_starts=torch.tensor([0, 3], dtype=torch.int32),
+                     seg_adapter=torch.tensor([0], dtype=torch.int32),
+                     ranks=torch.tensor([[3, 8]] * 7, dtype=torch.int32), scales=torch.full((7, 2), 0.5),
+                     a_starts=torch.zeros(7, 2, dtype=torch.int32), b_starts=torch.ones(7, 2, dtype=torch.int32),
+                     page_ids=torch.tensor([9, 4, 7], dtype=torch.int32), max_rank=3, max_seg_len=5)
+    _with_decode_part(lora, [1, -1, 0], rank=8)
+    inp = StepInputs(prefill=True, input_ids=torch.arange(6), positions=torch.tensor([0, 1, 2, 6, 3, 9]),
+                     k_pages=torch.arange(6, dtype=torch.int32), v_pages=torch.arange(6, 12, dtype=torch.int32),
+                     last_rows=torch.tensor([2, 3, 4, 5]), seq_bounds=[0, 3],
+                     kv_table=torch.arange(60, dtype=torch.int32).view(3, 10, 2),
+                     seq_lens=torch.tensor([7, 4, 10], dtype=torch.int32), lora=lora)
+    out = unpack_step(*pack_step(inp)).lora
+    assert out.decode is not None and out.decode_start == 3 and out.decode.decode is None
+    for field in ("seg_starts", "seg_adapter"):
+        assert torch.equal(getattr(out.decode, field), getattr(lora.decode, field)), field
+    assert (out.decode.max_rank, out.decode.max_seg_len, out.decode.eager_decode) == (8, 1, True)
+    assert out.decode.ranks is out.ranks and out.decode.page_ids is out.page_ids  # shared tables
+    assert (out.max_rank, out.max_seg_len, out.eager_decode) == (3, 5, False)
+    assert_parts_aligned(unpack_step(*pack_step(inp)))
 
 
 # -- the engine with 2 processes ------------------------------------------------------------------
@@ -288,17 +343,21 @@ def test_two_processes_give_the_tokens_of_one(setup, static_decode, monkeypatch)
     assert all(not p.is_alive() for p in engine.tp.procs)
 
 
-def test_two_processes_mix_decode_rows_into_prefill_steps(setup):
+@pytest.mark.parametrize("decode_part", [False, True], ids=["one-table", "decode-rows-gmv"])
+def test_two_processes_mix_decode_rows_into_prefill_steps(setup, decode_part):
     """Requests arriving while others decode: the workers get prefill steps carrying decode
-    rows (mixed packing, both attention paths, sharded LoRA over all rows); same tokens."""
+    rows (mixed packing, both attention paths, sharded LoRA over all rows); same tokens. With
+    decode_part the decode rows' LoRA is a part of its own (LoraBatch.decode) sharing the
+    prompt rows' intermediate and collective (tensor_parallel.TPLoraStep)."""
     model, adapters, jobs, want = setup
-    engine = _tp_engine(model, adapters)
+    engine = _tp_engine(model, adapters, lora_decode_gmv_min_segments=1 if decode_part else 10**6)
     try:
         results = run_staggered(engine, jobs[:3], jobs[3:], timeout=120)
         for i, outs in enumerate(results):
             assert outs[-1].error is None, outs[-1].error
             assert tokens_of(outs) == want[i], f"request {i} adapter {jobs[i]['adapter']}"
         assert engine.stats()["mixed_steps"] > 0
+        assert (engine.runner.decode_part_steps > 0) == decode_part
     finally:
         engine.shutdown()
 
