@@ -41,6 +41,8 @@ def run_counters(before: dict, after: dict) -> dict:
            "preemptions": after["requests"]["preemptions"] - before["requests"]["preemptions"],
            "steps": after["steps"] - before["steps"],
            "mixed_steps": after["mixed_steps"] - before["mixed_steps"],
+           "admission_deferred_steps": (after["requests"]["admission_deferred_steps"]
+                                        - before["requests"]["admission_deferred_steps"]),
            "kernel_compiles": after["kernel_compiles_while_serving"] - before["kernel_compiles_while_serving"],
            # Variants this process holds: > 0 on a GPU shows the compile counter sees Triton's caches.
            "kernel_variants": after["kernel_variants"]}
@@ -172,6 +174,12 @@ def main() -> int:
     ap.add_argument("--gmv-min-segments", type=int, default=EngineConfig.lora_decode_gmv_min_segments,
                     help="decode rows of a mixed step go to the MBGMV kernels from this many adapter segments on "
                          "(lora_decode_gmv_min_segments; 1 = whenever one has an adapter)")
+    ap.add_argument("--admit-min", type=int, default=EngineConfig.admit_min_batch,
+                    help="with the batch full, admit once this many slots are free (admit_min_batch; "
+                         "1 = as soon as one frees)")
+    ap.add_argument("--ab-admit", action="store_true",
+                    help="run everything twice, the second time with admit_min_batch=1 (labels *_admit1, "
+                         "ratios against base_admit1): the admission batching's A/B in one engine")
     ap.add_argument("--suffix", default="", help="appended to the result file's name")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
@@ -179,6 +187,7 @@ def main() -> int:
     ns = [int(x) for x in args.n.split(",")]
     config = EngineConfig(model_dir=args.model, max_model_len=2048, max_batch_size=512,
                           max_prefill_tokens=8192, mix_decode_in_prefill=not args.no_mix,
+                          admit_min_batch=args.admit_min,
                           lora_decode_rows_gmv=not args.no_gmv, lora_decode_gmv_min_segments=args.gmv_min_segments)
     if args.pool_gb > 0:
         spec = dummy_spec(args.model, config.max_model_len)
@@ -196,6 +205,8 @@ def main() -> int:
         runs += [(f"{label}_nomix", n) for label, n in first]
     if args.ab_gmv:  # the base model has no LoRA: nothing to compare there
         runs += [(f"{label}_gmm", n) for label, n in first if n]
+    if args.ab_admit:
+        runs += [(f"{label}_admit1", n) for label, n in first]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"slora_{args.setting}_{args.targets}{args.suffix}.json"
@@ -204,6 +215,7 @@ def main() -> int:
         log.info("warm-up done in %.1fs", results["warmup_s"])
     for label, n in runs:
         engine.scheduler.mix_decode = not (args.no_mix or label.endswith("_nomix"))
+        engine.scheduler.admit_min_batch = 1 if label.endswith("_admit1") else args.admit_min
         # Both LoRA paths of mixed steps were compiled at start-up (warm_up_eager) when the flag was on.
         engine.runner.lora_decode_rows_gmv = not (args.no_gmv or label.endswith("_gmm"))
         spec = WorkloadSpec(n_adapters=max(n, 1), rate=args.rate, duration=args.duration, cv=args.cv,
@@ -221,6 +233,7 @@ def main() -> int:
         report["extra"]["lora_decode_rows_gmv"] = engine.runner.lora_decode_rows_gmv
         report["extra"]["lora_decode_gmv_min_segments"] = engine.runner.gmv_min_segments
         report["extra"]["decode_part_steps"] = engine.runner.decode_part_steps - split_before
+        report["extra"]["admit_min_batch"] = engine.scheduler.admit_min_batch
         results["runs"][label] = report
         log.info("%s: %.2f req/s, %.0f tok/s, avg latency %.2fs, first token avg %.2fs, SLO %.2f", label,
                  report["throughput_req_s"], report["throughput_tok_s"], report["latency_avg"],
@@ -230,16 +243,21 @@ def main() -> int:
     if "base" in results["runs"]:
         base = results["runs"]["base"]["throughput_req_s"]
         results["over_base"] = {k: v["throughput_req_s"] / base for k, v in results["runs"].items()
-                                if not k.endswith("_nomix")}
+                                if not k.endswith(("_nomix", "_admit1"))}
     if "base_nomix" in results["runs"]:
         base = results["runs"]["base_nomix"]["throughput_req_s"]
         results["over_base_nomix"] = {k: v["throughput_req_s"] / base for k, v in results["runs"].items()
                                       if k.endswith("_nomix")}
+    if "base_admit1" in results["runs"]:
+        base = results["runs"]["base_admit1"]["throughput_req_s"]
+        results["over_base_admit1"] = {k: v["throughput_req_s"] / base for k, v in results["runs"].items()
+                                       if k.endswith("_admit1")}
     if args.ab_gmv:
         results["gmv_vs_gmm"] = gmv_vs_gmm(results["runs"])
     engine.shutdown()
     path.write_text(json.dumps(results, indent=2))
-    print(json.dumps({k: results.get(k) for k in ("device", "over_base", "over_base_nomix", "gmv_vs_gmm")},
+    print(json.dumps({k: results.get(k) for k in ("device", "over_base", "over_base_nomix", "over_base_admit1",
+                                                   "gmv_vs_gmm")},
                      indent=1))
     for label, r in results["runs"].items():
         print(f"{label:>7}: {r['throughput_req_s']:.2f} req/s {r['throughput_tok_s']:.0f} tok/s "

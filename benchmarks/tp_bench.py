@@ -207,7 +207,8 @@ def phase_workload(args, tp: int, skip: bool, runs: list[str]) -> dict:
     ranks = ",".join(map(str, SETTINGS[args.setting]))
     cfg = EngineConfig(model_dir=args.model, tensor_parallel_size=tp, tp_skip_lora_collectives=skip,
                        max_model_len=2048, max_batch_size=args.max_batch, max_prefill_tokens=8192,
-                       cuda_graphs=not args.no_graphs, dummy_adapters=f"{args.n}:{ranks}:{args.targets}")
+                       cuda_graphs=not args.no_graphs, dummy_adapters=f"{args.n}:{ranks}:{args.targets}",
+                       admit_min_batch=args.admit_min)
     t0 = time.monotonic()
     timer = watchdog(args.startup_timeout, f"starting the TP={tp} engine")
     engine = Engine(cfg)
@@ -359,6 +360,8 @@ def summarize_results(out: Path, status: dict, args) -> dict:
 
 
 def main() -> int:
+    from slora_backend.config import EngineConfig
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
     ap.add_argument("--tp", type=int, default=2, help="tensor-parallel size")
@@ -377,6 +380,9 @@ def main() -> int:
     ap.add_argument("--deadline-factor", type=float, default=3.5, help="cancel what is left after this x duration")
     ap.add_argument("--max-len", type=int, default=512, help="upper end of input/output lengths")
     ap.add_argument("--max-batch", type=int, default=256)
+    ap.add_argument("--admit-min", type=int, default=EngineConfig.admit_min_batch,
+                    help="with the batch full, admit once this many slots are free (admit_min_batch; "
+                         "1 = as soon as one frees)")
     ap.add_argument("--parity-tokens", type=int, default=24)
     ap.add_argument("--startup-timeout", type=float, default=240.0, help="seconds an engine may take to start")
     ap.add_argument("--no-graphs", action="store_true", help="eager decode everywhere")

@@ -132,7 +132,9 @@ class Engine:
         else:
             self.adapters = ShardedAdapterCache(*cache_args, tp_size=tp_size, send=self.tp.send)
         self.scheduler = Scheduler(self.pool, self.adapters, config.max_batch_size,
-                                   config.max_prefill_tokens, mix_decode=config.mix_decode_in_prefill)
+                                   config.max_prefill_tokens, mix_decode=config.mix_decode_in_prefill,
+                                   admit_min_batch=config.admit_min_batch,
+                                   admit_max_wait_steps=config.admit_max_wait_steps)
         self.scheduler.on_adapter_error = self._adapter_failed
         self.runner = ModelRunner(run_spec, weights, self.pool_tensor, get_ops(backend), self.max_model_len,
                                   tp=None if self.tp is None else self.tp.group,
@@ -397,7 +399,9 @@ class Engine:
             "adapters": asdict(self.adapters.stats()),
             "requests": {"waiting": len(self.scheduler.waiting), "running": len(self.scheduler.running),
                          "preemptions": self.scheduler.preemptions,
-                         "pool_used_at_first_preemption": self.scheduler.used_at_first_preemption},
+                         "pool_used_at_first_preemption": self.scheduler.used_at_first_preemption,
+                         # steps that only decoded so that admissions gather (Scheduler.admit_min_batch)
+                         "admission_deferred_steps": self.scheduler.deferred_steps},
             "steps": self.steps,
             "generated_tokens": self.generated_tokens,
             "mixed_steps": self.mixed_steps,

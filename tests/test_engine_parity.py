@@ -218,3 +218,25 @@ def test_llama3_rope_scaling_matches_hf(tmp_path):
         assert tokens_of(run_batch(engine, [dict(prompt_ids=prompt, params=greedy(NEW_TOKENS))])[0]) == ref
     finally:
         engine.shutdown()
+
+
+def test_admission_batching_keeps_tokens_exact(setup):
+    """More requests than batch slots, finishing one at a time (different lengths): with
+    admit_min_batch > 1 admissions wait while the others decode (Scheduler.deferred_steps), and
+    every request still gets HF+PEFT's greedy tokens, as with admit_min_batch = 1."""
+    model, adapters, prompts, names, refs = setup
+    lengths = [NEW_TOKENS - i % 4 for i in range(len(names))]
+    jobs = [dict(prompt_ids=prompts[i], adapter=name, params=greedy(lengths[i])) for i, name in enumerate(names)]
+    deferred = {}
+    for admit_min in (1, 3):
+        engine = Engine(EngineConfig(model_dir=str(model), adapter_dir=str(adapters), kernel_backend="torch",
+                                     pool_pages=3000, max_batch_size=3, admit_min_batch=admit_min,
+                                     admit_max_wait_steps=4))
+        try:
+            for i, outs in enumerate(run_batch(engine, jobs)):
+                assert outs[-1].error is None, outs[-1].error
+                assert tokens_of(outs) == refs[i][: lengths[i]], f"request {i} adapter {names[i]}"
+            deferred[admit_min] = engine.stats()["requests"]["admission_deferred_steps"]
+        finally:
+            engine.shutdown()
+    assert deferred[1] == 0 and deferred[3] > 0

@@ -1,0 +1,123 @@
+"""Admission batching (Scheduler.admit_min_batch): with the batch full, admission waits until
+enough slots are free, decoding the running requests meanwhile, for a bounded number of steps;
+whenever free slots are not what limits admission, requests are admitted as before."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from slora_backend.adapter_cache import AdapterCache
+from slora_backend.dummy import dummy_spec
+from slora_backend.page_pool import PagePool
+from slora_backend.request import Request, SamplingParams
+from slora_backend.scheduler import Scheduler
+
+
+def make_scheduler(max_batch_size: int, admit_min_batch: int, admit_max_wait_steps: int = 16,
+                   mix_decode: bool = True, pages: int = 4000) -> Scheduler:
+    spec = dummy_spec("dummy:tiny", 256)
+    pool_tensor = torch.zeros(spec.layers, pages, spec.page_width)
+    pool = PagePool(pages)
+    adapters = AdapterCache(spec, torch.float32, pool, pool_tensor, None, 64)
+    return Scheduler(pool, adapters, max_batch_size, max_prefill_tokens=4096, mix_decode=mix_decode,
+                     admit_min_batch=admit_min_batch, admit_max_wait_steps=admit_max_wait_steps)
+
+
+def add_requests(sched: Scheduler, n: int, prompt_len: int = 4) -> list[Request]:
+    reqs = [Request(prompt_ids=[1] * prompt_len, params=SamplingParams(max_tokens=8), adapter=None,
+                    on_output=lambda out: None) for _ in range(n)]
+    for r in reqs:
+        sched.add(r)
+    return reqs
+
+
+def run(sched: Scheduler):
+    """Schedule one step and do what the engine does after it: every request has one more token."""
+    step = sched.schedule()
+    assert step is not None
+    for req in step.requests:
+        req.num_computed = req.seq_len
+        req.output_ids.append(7)
+    return step
+
+
+def saturated(max_batch_size: int, waiting: int, **kw) -> Scheduler:
+    """A full batch, `waiting` more requests, then one running request finishes: one free slot."""
+    sched = make_scheduler(max_batch_size, **kw)
+    add_requests(sched, max_batch_size)
+    assert len(run(sched).prefills) == max_batch_size
+    add_requests(sched, waiting)
+    sched.finish(sched.running[0])
+    return sched
+
+
+@pytest.mark.parametrize("mix", [True, False], ids=["mixed", "separate"])
+def test_one_free_slot_in_a_full_batch_decodes_instead_of_admitting(mix):
+    sched = saturated(4, waiting=10, admit_min_batch=3, mix_decode=mix)
+    step = run(sched)
+    assert not step.prefill and step.requests == sched.running
+    assert len(step.requests) == 3 and len(sched.waiting) == 10
+    assert sched.deferred_steps == 1
+
+
+@pytest.mark.parametrize("mix", [True, False], ids=["mixed", "separate"])
+def test_admits_what_fits_after_max_wait_steps_then_defers_again(mix):
+    sched = saturated(4, waiting=10, admit_min_batch=3, admit_max_wait_steps=5, mix_decode=mix)
+    for _ in range(5):
+        assert not run(sched).prefill
+    step = run(sched)
+    assert [r.request_id for r in step.prefills] == [sched.running[-1].request_id]  # the one slot
+    assert step.decodes == (3 if mix else 0)
+    assert len(sched.running) == 4 and len(sched.waiting) == 9 and sched.deferred_steps == 5
+    sched.finish(sched.running[0])  # the counter started over with that admission
+    assert not run(sched).prefill and sched.deferred_steps == 6
+
+
+def test_admits_at_once_when_enough_slots_are_free():
+    sched = saturated(6, waiting=10, admit_min_batch=3)
+    assert not run(sched).prefill  # one slot free: deferred
+    sched.finish(sched.running[0])
+    assert not run(sched).prefill  # two
+    sched.finish(sched.running[0])
+    step = run(sched)  # three = admit_min_batch
+    assert len(step.prefills) == 3 and step.decodes == 3
+    assert len(sched.running) == 6 and sched.deferred_steps == 2
+
+
+def test_low_load_admits_a_lone_request_at_once():
+    sched = make_scheduler(8, admit_min_batch=8)
+    add_requests(sched, 2)
+    assert len(run(sched).prefills) == 2  # nothing running: never deferred
+    add_requests(sched, 1)
+    step = run(sched)
+    assert len(step.prefills) == 1 and step.decodes == 2
+    assert sched.deferred_steps == 0
+
+
+def test_fewer_waiting_than_admit_min_batch_are_admitted_when_they_all_fit():
+    sched = make_scheduler(6, admit_min_batch=8)
+    add_requests(sched, 6)
+    run(sched)
+    sched.finish(sched.running[0])
+    sched.finish(sched.running[0])
+    add_requests(sched, 2)  # two free slots, two waiting
+    step = run(sched)
+    assert len(step.prefills) == 2 and not sched.waiting and sched.deferred_steps == 0
+
+
+def test_pages_not_slots_limiting_admission_do_not_defer():
+    """Enough free slots, pages for only one more prompt: it is admitted now, as before."""
+    sched = make_scheduler(8, admit_min_batch=4, pages=60)
+    add_requests(sched, 2, prompt_len=10)  # 40 pages
+    run(sched)
+    add_requests(sched, 3, prompt_len=6)  # 4 decode pages, then 12 per prompt: room for one
+    step = run(sched)
+    assert len(step.prefills) == 1 and sched.deferred_steps == 0
+
+
+def test_admit_min_batch_1_admits_as_soon_as_a_slot_frees():
+    sched = saturated(4, waiting=10, admit_min_batch=1)
+    step = run(sched)
+    assert len(step.prefills) == 1 and step.decodes == 3
+    assert sched.deferred_steps == 0
