@@ -208,7 +208,7 @@ def phase_workload(args, tp: int, skip: bool, runs: list[str]) -> dict:
     cfg = EngineConfig(model_dir=args.model, tensor_parallel_size=tp, tp_skip_lora_collectives=skip,
                        max_model_len=2048, max_batch_size=args.max_batch, max_prefill_tokens=8192,
                        cuda_graphs=not args.no_graphs, dummy_adapters=f"{args.n}:{ranks}:{args.targets}",
-                       admit_min_batch=args.admit_min)
+                       admit_min_batch=args.admit_min, lora_decode_rows_gmv=not args.no_gmv)
     t0 = time.monotonic()
     timer = watchdog(args.startup_timeout, f"starting the TP={tp} engine")
     engine = Engine(cfg)
@@ -380,6 +380,8 @@ def main() -> int:
     ap.add_argument("--deadline-factor", type=float, default=3.5, help="cancel what is left after this x duration")
     ap.add_argument("--max-len", type=int, default=512, help="upper end of input/output lengths")
     ap.add_argument("--max-batch", type=int, default=256)
+    ap.add_argument("--no-gmv", action="store_true",
+                    help="mixed steps' decode rows on MBGMM with the prompt rows (lora_decode_rows_gmv=false): A/B")
     ap.add_argument("--admit-min", type=int, default=EngineConfig.admit_min_batch,
                     help="with the batch full, admit once this many slots are free (admit_min_batch; "
                          "1 = as soon as one frees)")
