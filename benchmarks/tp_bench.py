@@ -165,7 +165,8 @@ def phase_parity(args) -> dict:
         cfg = EngineConfig(model_dir=str(model), adapter_dir=str(adapter_dir), dtype=dtype_name,
                            pool_pages=20000, max_batch_size=16, tensor_parallel_size=tp,
                            cuda_graphs=not args.no_graphs,
-                           lora_decode_gmv_min_segments=1)  # mixed steps' decode rows on MBGMV whenever possible
+                           # mixed steps' decode rows on MBGMV whenever they may (--tp-gmv under TP)
+                           lora_decode_gmv_min_segments=1, tp_lora_decode_rows_gmv=args.tp_gmv)
         runs[tp] = run_recorded(cfg, jobs)
         timer.cancel()
         log.info("parity: TP=%d done in %.1fs", tp, time.monotonic() - t0)
@@ -208,7 +209,8 @@ def phase_workload(args, tp: int, skip: bool, runs: list[str]) -> dict:
     cfg = EngineConfig(model_dir=args.model, tensor_parallel_size=tp, tp_skip_lora_collectives=skip,
                        max_model_len=2048, max_batch_size=args.max_batch, max_prefill_tokens=8192,
                        cuda_graphs=not args.no_graphs, dummy_adapters=f"{args.n}:{ranks}:{args.targets}",
-                       admit_min_batch=args.admit_min, lora_decode_rows_gmv=not args.no_gmv)
+                       admit_min_batch=args.admit_min, lora_decode_rows_gmv=not args.no_gmv,
+                       tp_lora_decode_rows_gmv=args.tp_gmv)
     t0 = time.monotonic()
     timer = watchdog(args.startup_timeout, f"starting the TP={tp} engine")
     engine = Engine(cfg)
@@ -382,6 +384,8 @@ def main() -> int:
     ap.add_argument("--max-batch", type=int, default=256)
     ap.add_argument("--no-gmv", action="store_true",
                     help="mixed steps' decode rows on MBGMM with the prompt rows (lora_decode_rows_gmv=false): A/B")
+    ap.add_argument("--tp-gmv", action="store_true",
+                    help="with tensor parallelism too, mixed steps' decode rows on MBGMV (tp_lora_decode_rows_gmv)")
     ap.add_argument("--admit-min", type=int, default=EngineConfig.admit_min_batch,
                     help="with the batch full, admit once this many slots are free (admit_min_batch; "
                          "1 = as soon as one frees)")

@@ -30,10 +30,15 @@ class EngineConfig:
     admit_max_wait_steps: int = 16
     # In those mixed steps, the decode rows' LoRA runs on the MBGMV kernels (per-row, as in
     # decode graphs) and the prompt rows' on MBGMM, instead of every row on MBGMM (one-row
-    # segments: too few, too long programs). Compiled at start-up either way; under tensor
-    # parallelism both parts share each LoRA point's collective (tensor_parallel.TPLoraStep).
-    # false = the combined path (benchmark A/B).
+    # segments: too few, too long programs). Compiled at start-up either way. false = the
+    # combined path (benchmark A/B).
     lora_decode_rows_gmv: bool = True
+    # The same under tensor parallelism (both parts share each LoRA point's collective:
+    # tensor_parallel.TPLoraStep). Off by default: on 2 x H200 (13B, S4, 40 req/s) it lost
+    # throughput, 20.12 -> 18.89 req/s with admission batching, 14.02 -> 13.02 without; its
+    # mixed steps were faster with the LoRA collectives skipped (78 against 88 ms) but slower
+    # with them (104 against 93 ms), which is not understood yet (BENCHMARKS.md, item 17).
+    tp_lora_decode_rows_gmv: bool = False
     # ... but only when those decode rows form at least this many adapter segments (runs of
     # one adapter; the scheduler sorts decode rows by adapter). MBGMV reads an adapter once per
     # row and costs two more launches per LoRA point, so a few long segments stay on MBGMM.

@@ -138,7 +138,8 @@ class Engine:
         self.scheduler.on_adapter_error = self._adapter_failed
         self.runner = ModelRunner(run_spec, weights, self.pool_tensor, get_ops(backend), self.max_model_len,
                                   tp=None if self.tp is None else self.tp.group,
-                                  lora_decode_rows_gmv=config.lora_decode_rows_gmv,
+                                  lora_decode_rows_gmv=config.lora_decode_rows_gmv and (
+                                      self.tp is None or config.tp_lora_decode_rows_gmv),
                                   gmv_min_segments=config.lora_decode_gmv_min_segments)
         self.sampler = Sampler(self.device)
         self.graphs: DecodeGraphs | None = None
