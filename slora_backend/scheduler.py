@@ -24,6 +24,7 @@ import logging
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import islice
 
 from .adapter_cache import AdapterCache
 from .adapters import AdapterError
@@ -82,6 +83,7 @@ class Scheduler:
             if self.running:  # else all were preempted: admit below
                 self.deferred_steps += 1
                 self._deferred_in_a_row += 1
+                self._prefetch_adapters()
                 return ScheduledStep(prefill=False, requests=sorted(self.running, key=adapter_order))
         step = self._schedule()
         if step is not None and step.prefill:  # prefill steps are the ones that admitted
@@ -115,6 +117,22 @@ class Scheduler:
             return False
         free_slots = self.max_batch_size - len(self.running)
         return 0 < free_slots < min(len(self.waiting), self.admit_min_batch)
+
+    def _prefetch_adapters(self) -> None:
+        """While admission waits, start the adapter loads of the requests next in line, so that
+        their copies overlap the decode steps instead of holding them back at the admission.
+        Pages are taken only where free or held by idle adapters, as admission would."""
+        for req in list(islice(self.waiting, self.admit_min_batch)):
+            if req.adapter is None:
+                continue
+            try:
+                if not self.adapters.start_load(req.adapter):
+                    return  # pages are short: admission decides, in FIFO order
+            except AdapterError as e:  # as in _admit: the request fails, the others go on
+                if self.on_adapter_error is None:
+                    raise
+                self.waiting.remove(req)
+                self.on_adapter_error(req, str(e))
 
     def _admit(self) -> list[Request]:
         admitted: list[Request] = []

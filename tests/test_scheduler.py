@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from slora_backend.adapter_cache import AdapterCache
-from slora_backend.dummy import dummy_spec
+from slora_backend.dummy import dummy_spec, random_adapter
 from slora_backend.page_pool import PagePool
 from slora_backend.request import Request, SamplingParams
 from slora_backend.scheduler import Scheduler
@@ -121,3 +121,21 @@ def test_admit_min_batch_1_admits_as_soon_as_a_slot_frees():
     step = run(sched)
     assert len(step.prefills) == 1 and step.decodes == 3
     assert sched.deferred_steps == 0
+
+
+def test_deferred_steps_start_the_adapter_loads_of_the_requests_next_in_line():
+    """While admission waits, the adapters of the next admit_min_batch waiting requests are
+    loaded (their copies overlap the decode steps), and none beyond them."""
+    sched = saturated(4, waiting=0, admit_min_batch=3)
+    cache = sched.adapters
+    names = [f"ad{i}" for i in range(5)]
+    for i, name in enumerate(names):
+        cache.register(random_adapter(name, cache.spec, 4, ("q_proj", "v_proj"), torch.float32, seed=i))
+    for name in names:
+        sched.add(Request(prompt_ids=[1] * 4, params=SamplingParams(max_tokens=8), adapter=name,
+                          on_output=lambda out: None))
+    assert not any(cache.is_ready(n) for n in names)
+    step = run(sched)
+    assert not step.prefill and sched.deferred_steps == 1
+    assert [cache.is_ready(n) for n in names] == [True] * 3 + [False] * 2
+    assert all(cache.resident[n].refs == 0 for n in names[:3])  # loaded, not held: still evictable
