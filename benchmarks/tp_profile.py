@@ -10,6 +10,13 @@ adapter. Reported per kind: wall ms per step (the engine's own step timer), and 
 under torch.profiler on rank 0: the ops with the most host time and the most device time
 (NCCL waits show up as collective kernels' device time). The tp_bench runs showed TP=2 LoRA
 prefill steps at 164 ms against 64 ms without LoRA and 74 ms for TP=1 with LoRA; this says why.
+
+With `--decode-rows D`, D long requests (each on its own adapter) decode throughout, so every
+burst step is a mixed step with D decode rows, and a third kind, `lora_split`, runs the LoRA
+bursts with those rows on the MBGMV kernels (LoraBatch.decode; under TP the shared
+intermediate of tensor_parallel.TPLoraStep). Only the forwards of prefill (mixed) steps are
+timed and profiled. This is the measurement BENCHMARKS.md item 17 asks for: where the split
+loses time under TP with the collectives on.
 """
 
 from __future__ import annotations
@@ -75,6 +82,8 @@ class StepProfiler:
         import torch
         from torch.profiler import ProfilerActivity, profile
 
+        if not inp.prefill:  # decode steps of --decode-rows' requests: not what is measured
+            return self.forward(inp)
         if self.python is not None:  # Python functions: where host time goes outside torch ops
             self.python.enable()
             try:
@@ -133,18 +142,24 @@ def profile_tp(args, tp: int) -> dict:
     from slora_backend.engine import Engine
 
     ranks = ",".join(map(str, args.ranks))
+    split = args.decode_rows > 0  # the decode-row split is compiled in and toggled per kind
     cfg = EngineConfig(model_dir=args.model, tensor_parallel_size=tp, max_model_len=2048,
-                       max_batch_size=64, max_prefill_tokens=8192, cuda_graphs=False,
-                       dummy_adapters=f"{args.requests}:{ranks}:qkvo")
+                       max_batch_size=max(64, args.requests + args.decode_rows), max_prefill_tokens=8192,
+                       cuda_graphs=False, dummy_adapters=f"{args.requests + args.decode_rows}:{ranks}:qkvo",
+                       lora_decode_rows_gmv=split, tp_lora_decode_rows_gmv=split, lora_decode_gmv_min_segments=1,
+                       admit_min_batch=1)
     t0 = time.monotonic()
     engine = Engine(cfg)
     log.info("TP=%d engine ready in %.1fs", tp, time.monotonic() - t0)
     profiler = StepProfiler(engine.runner)
     rng = np.random.default_rng(0)
     vocab = engine.spec.vocab
-    out = {"tp": tp, "startup_s": time.monotonic() - t0}
+    out = {"tp": tp, "startup_s": time.monotonic() - t0, "decode_rows": args.decode_rows}
+    background = start_decoders(engine, args, rng)
     try:
-        for kind in ("base", "lora"):
+        for kind in ("base", "lora", "lora_split") if split else ("base", "lora"):
+            # Rank 0 decides the split when it builds a step's tables; the workers follow.
+            engine.runner.lora_decode_rows_gmv = kind == "lora_split"
             adapters = [None if kind == "base" else f"adapter-{i:05d}" for i in range(args.requests)]
 
             def prompts():
@@ -181,9 +196,37 @@ def profile_tp(args, tp: int) -> dict:
             print_ops(f"TP={tp} {kind}, one burst on rank 0: by host time", ops["top_host"])
             if torch.cuda.is_available():
                 print_ops(f"TP={tp} {kind}, one burst on rank 0: by device time", ops["top_device"])
+        out["decode_part_steps"] = engine.runner.decode_part_steps
     finally:
+        for request_id in background:
+            engine.cancel(request_id)
         engine.shutdown()
     return out
+
+
+def start_decoders(engine, args, rng) -> list[int]:
+    """--decode-rows requests, each on its own adapter (after the bursts' ones), that decode for
+    as long as the profile runs: every burst step then carries that many decode rows."""
+    from slora_backend.request import SamplingParams
+
+    if not args.decode_rows:
+        return []
+    first = threading.Semaphore(0)
+    seen: set[int] = set()
+
+    def on_output(out):
+        if out.request_id not in seen:
+            seen.add(out.request_id)
+            first.release()
+
+    ids = [engine.submit(prompt_ids=rng.integers(0, engine.spec.vocab, 16).tolist(),
+                         adapter=f"adapter-{args.requests + i:05d}", on_output=on_output,
+                         params=SamplingParams(max_tokens=args.decode_tokens, ignore_eos=True))
+           for i in range(args.decode_rows)]
+    for _ in ids:  # every one has its first token: all of them decode from here on
+        if not first.acquire(timeout=300):
+            raise RuntimeError("the decoding requests did not start within 300 s")
+    return ids
 
 
 def main() -> int:
@@ -196,6 +239,9 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=100, help="tokens per prompt")
     ap.add_argument("--bursts", type=int, default=5)
     ap.add_argument("--top", type=int, default=18)
+    ap.add_argument("--decode-rows", type=int, default=0,
+                    help="requests decoding throughout: every burst step is a mixed step (and kind lora_split)")
+    ap.add_argument("--decode-tokens", type=int, default=1900, help="output tokens of each decoding request")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     out = Path(args.out)
@@ -228,7 +274,7 @@ def main() -> int:
         print(f"TP={r['tp']}: " + ", ".join(
             f"{k} {r[k]['ms_per_step']:.1f} ms/step ({r[k]['tokens_per_step']:.0f} tok, "
             f"enqueue {r[k]['enqueue_ms']:.1f} ms, forward {r[k]['forward_ms']:.1f} ms)"
-            for k in ("base", "lora") if k in r))
+            for k in ("base", "lora", "lora_split") if k in r))
     return 0
 
 
