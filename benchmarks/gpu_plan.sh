@@ -16,6 +16,8 @@
 #                                                 #   TP=2/TP=1 prefill-step profile (~5 min)
 #   OUT=... bash benchmarks/gpu_plan.sh tp4       # h200-x4: Llama-30B S5 on 4 GPUs, with/without LoRA
 #                                                 #   collectives (~8 min)
+#   OUT=... bash benchmarks/gpu_plan.sh tpsplit   # h200-x2: mixed steps (64 decoding requests) profiled at
+#                                                 #   TP=2 and TP=1, decode rows on MBGMM vs MBGMV (item 17, ~6 min)
 #
 # A fresh machine matters for the compile checks: Triton's disk cache hides compiles on a
 # machine that has already run the same kernels (BENCHMARKS.md item 13).
@@ -25,9 +27,9 @@
 # In every serving JSON check extra.kernel_compiles == 0 first (kernels/launch.py), then
 # extra.prefill_ms_per_step / decode_ms_per_step: where the time went.
 set -uo pipefail
-usage() { sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; }
 part="${1:-}"
-case "$part" in serving|s1|kernels|gmv|tp|tp1|tp4) ;; *) usage; exit 2 ;; esac
+case "$part" in serving|s1|kernels|gmv|tp|tp1|tp4|tpsplit) ;; *) usage; exit 2 ;; esac
 : "${OUT:?set OUT to the folder for the results}"
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
@@ -74,6 +76,10 @@ case "$part" in
   tp4)
     step 560 tp_bench python3 benchmarks/tp_bench.py --out "$OUT/tp4" --tp 4 --model dummy:llama-30b --setting S5 \
       --phases tp,tp_skip --budget 540
+    ;;
+  tpsplit)
+    step 420 tp_profile_mixed python3 benchmarks/tp_profile.py --out "$OUT/tp_mixed" --tp 2,1 --decode-rows 64 \
+      --requests 4 --tokens 200
     ;;
 esac
 exit $failed
