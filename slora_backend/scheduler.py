@@ -78,6 +78,8 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> ScheduledStep | None:
+        if not self.waiting:
+            self._deferred_in_a_row = 0  # nobody waits (all admitted or cancelled): the next start over
         if self._defer_admission():
             self._reserve_decode_pages()
             if self.running:  # else all were preempted: admit below

@@ -139,3 +139,15 @@ def test_deferred_steps_start_the_adapter_loads_of_the_requests_next_in_line():
     assert not step.prefill and sched.deferred_steps == 1
     assert [cache.is_ready(n) for n in names] == [True] * 3 + [False] * 2
     assert all(cache.resident[n].refs == 0 for n in names[:3])  # loaded, not held: still evictable
+
+
+def test_the_wait_bound_starts_over_when_the_queue_empties():
+    """Deferred steps count toward admit_max_wait_steps only while requests wait: once the
+    waiting ones are gone (cancelled here), newcomers get the whole bound again."""
+    sched = saturated(4, waiting=5, admit_min_batch=3, admit_max_wait_steps=3)
+    assert not run(sched).prefill and not run(sched).prefill  # 2 of the 3 deferrals used
+    for req in list(sched.waiting):
+        sched.finish(req)
+    run(sched)  # a decode step with nobody waiting
+    add_requests(sched, 5)
+    assert [run(sched).prefill for _ in range(4)] == [False, False, False, True]
