@@ -125,16 +125,21 @@ class Scheduler:
         their copies overlap the decode steps instead of holding them back at the admission.
         Pages are taken only where free or held by idle adapters, as admission would."""
         for req in list(islice(self.waiting, self.admit_min_batch)):
-            if req.adapter is None:
-                continue
-            try:
-                if not self.adapters.start_load(req.adapter):
-                    return  # pages are short: admission decides, in FIFO order
-            except AdapterError as e:  # as in _admit: the request fails, the others go on
-                if self.on_adapter_error is None:
-                    raise
-                self.waiting.remove(req)
-                self.on_adapter_error(req, str(e))
+            if req.adapter is not None and self._start_load(req) is False:
+                return  # pages are short: admission decides, in FIFO order
+
+    def _start_load(self, req: Request) -> bool | None:
+        """Start loading a waiting request's adapter: whether pages sufficed, or None when the
+        adapter was refused (re-read from disk, host copy evicted): the request is failed and
+        leaves the queue, the others go on."""
+        try:
+            return self.adapters.start_load(req.adapter)
+        except AdapterError as e:
+            if self.on_adapter_error is None:
+                raise
+            self.waiting.remove(req)
+            self.on_adapter_error(req, str(e))
+            return None
 
     def _admit(self) -> list[Request]:
         admitted: list[Request] = []
@@ -146,13 +151,8 @@ class Scheduler:
             if admitted and tokens + n > self.max_prefill_tokens:
                 break
             if req.adapter is not None and not self.adapters.is_ready(req.adapter):
-                try:
-                    started = self.adapters.start_load(req.adapter)
-                except AdapterError as e:  # re-read from disk (host copy evicted) and refused
-                    if self.on_adapter_error is None:
-                        raise
-                    self.waiting.popleft()
-                    self.on_adapter_error(req, str(e))
+                started = self._start_load(req)
+                if started is None:
                     continue
                 if not started:
                     break  # not enough pages for the adapter yet: keep FIFO order
