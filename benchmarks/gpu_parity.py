@@ -78,14 +78,12 @@ def run_engine(model_dir, adapter_dir, dtype_name, jobs):
     engine = Engine(EngineConfig(model_dir=str(model_dir), adapter_dir=str(adapter_dir), dtype=dtype_name,
                                  kernel_backend="triton", pool_pages=20000))
     recorded: dict[int, list[torch.Tensor]] = {}
-    sample = engine.sampler.sample
 
-    def recording_sample(logits, reqs):
+    def record(logits, reqs):  # every step's logits, overlapped decode steps included
         for i, r in enumerate(reqs):
             recorded.setdefault(r.request_id, []).append(logits[i].float().cpu())
-        return sample(logits, reqs)
 
-    engine.sampler.sample = recording_sample
+    engine.sampler.observe = record
     import queue
 
     # Half the requests first; the rest once those are decoding, so that their prefills carry

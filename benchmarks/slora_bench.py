@@ -44,6 +44,10 @@ def run_counters(before: dict, after: dict) -> dict:
            "admission_deferred_steps": (after["requests"]["admission_deferred_steps"]
                                         - before["requests"]["admission_deferred_steps"]),
            "kernel_compiles": after["kernel_compiles_while_serving"] - before["kernel_compiles_while_serving"],
+           # decode steps launched before the last one's tokens were read (Engine overlap), and
+           # the host's time blocked on the GPU: near the run's length = device-bound
+           "overlapped_steps": after["overlapped_steps"] - before["overlapped_steps"],
+           "gpu_wait_s": round(after["gpu_wait_s"] - before["gpu_wait_s"], 3),
            # Variants this process holds: > 0 on a GPU shows the compile counter sees Triton's caches.
            "kernel_variants": after["kernel_variants"]}
     for kind, now in after["step_time"].items():
@@ -180,6 +184,9 @@ def main() -> int:
     ap.add_argument("--ab-admit", action="store_true",
                     help="run everything twice, the second time with admit_min_batch=1 (labels *_admit1, "
                          "ratios against base_admit1): the admission batching's A/B in one engine")
+    ap.add_argument("--ab-overlap", action="store_true",
+                    help="run everything twice, the second time with overlap_decode off (labels *_sync, ratios "
+                         "against base_sync): the decode overlap's A/B in one engine")
     ap.add_argument("--suffix", default="", help="appended to the result file's name")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
@@ -207,6 +214,8 @@ def main() -> int:
         runs += [(f"{label}_gmm", n) for label, n in first if n]
     if args.ab_admit:
         runs += [(f"{label}_admit1", n) for label, n in first]
+    if args.ab_overlap:
+        runs += [(f"{label}_sync", n) for label, n in first]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"slora_{args.setting}_{args.targets}{args.suffix}.json"
@@ -216,6 +225,7 @@ def main() -> int:
     for label, n in runs:
         engine.scheduler.mix_decode = not (args.no_mix or label.endswith("_nomix"))
         engine.scheduler.admit_min_batch = 1 if label.endswith("_admit1") else args.admit_min
+        engine.config.overlap_decode = not label.endswith("_sync")
         # Both LoRA paths of mixed steps were compiled at start-up (warm_up_eager) when the flag was on.
         engine.runner.lora_decode_rows_gmv = not (args.no_gmv or label.endswith("_gmm"))
         spec = WorkloadSpec(n_adapters=max(n, 1), rate=args.rate, duration=args.duration, cv=args.cv,
@@ -234,6 +244,7 @@ def main() -> int:
         report["extra"]["lora_decode_gmv_min_segments"] = engine.runner.gmv_min_segments
         report["extra"]["decode_part_steps"] = engine.runner.decode_part_steps - split_before
         report["extra"]["admit_min_batch"] = engine.scheduler.admit_min_batch
+        report["extra"]["overlap_decode"] = engine.config.overlap_decode
         results["runs"][label] = report
         log.info("%s: %.2f req/s, %.0f tok/s, avg latency %.2fs, first token avg %.2fs, SLO %.2f", label,
                  report["throughput_req_s"], report["throughput_tok_s"], report["latency_avg"],
@@ -241,11 +252,12 @@ def main() -> int:
         path.write_text(json.dumps(results, indent=2))  # what is done survives a run cut short
     results["pool_pages_used_at_first_preemption"] = engine.stats()["requests"]["pool_used_at_first_preemption"]
     # Throughput over the ceiling of the same configuration: base for the default runs (and the
-    # *_gmm twins), base_nomix / base_admit1 for their A/B twins.
-    twins = ("_nomix", "_admit1")
+    # *_gmm twins), base_nomix / base_admit1 / base_sync for their A/B twins.
+    twins = ("_nomix", "_admit1", "_sync")
     for key, base_label, keep in (("over_base", "base", lambda k: not k.endswith(twins)),
                                   ("over_base_nomix", "base_nomix", lambda k: k.endswith("_nomix")),
-                                  ("over_base_admit1", "base_admit1", lambda k: k.endswith("_admit1"))):
+                                  ("over_base_admit1", "base_admit1", lambda k: k.endswith("_admit1")),
+                                  ("over_base_sync", "base_sync", lambda k: k.endswith("_sync"))):
         if base_label in results["runs"]:
             base = results["runs"][base_label]["throughput_req_s"]
             results[key] = {k: v["throughput_req_s"] / base for k, v in results["runs"].items() if keep(k)}
@@ -254,7 +266,7 @@ def main() -> int:
     engine.shutdown()
     path.write_text(json.dumps(results, indent=2))
     print(json.dumps({k: results.get(k) for k in ("device", "over_base", "over_base_nomix", "over_base_admit1",
-                                                   "gmv_vs_gmm")},
+                                                   "over_base_sync", "gmv_vs_gmm")},
                      indent=1))
     for label, r in results["runs"].items():
         print(f"{label:>7}: {r['throughput_req_s']:.2f} req/s {r['throughput_tok_s']:.0f} tok/s "

@@ -103,14 +103,11 @@ def run_recorded(config, jobs) -> tuple[list[list[int]], list, dict]:
 
     engine = Engine(config)
     recorded: dict[int, list] = {}
-    sample = engine.sampler.sample
-
-    def recording_sample(logits, reqs):
+    def record(logits, reqs):  # every step's logits, overlapped decode steps included
         for i, r in enumerate(reqs):
             recorded.setdefault(r.request_id, []).append(logits[i].float().cpu())
-        return sample(logits, reqs)
 
-    engine.sampler.sample = recording_sample
+    engine.sampler.observe = record
     try:
         queues, ids, early = [], [], []
         half = (len(jobs) + 1) // 2
@@ -229,7 +226,10 @@ def phase_workload(args, tp: int, skip: bool, runs: list[str]) -> dict:
             out["warmup_s"] = warm_up(engine, args.n, args.rate, args.warmup, args.max_len, args.startup_timeout)
             timer.cancel()
             log.info("warm-up done in %.1fs", out["warmup_s"])
+        if args.ab_overlap:
+            runs = runs + [f"{label}_sync" for label in runs]
         for label in runs:
+            engine.config.overlap_decode = not label.endswith("_sync")
             spec = WorkloadSpec(n_adapters=args.n, rate=args.rate, duration=args.duration, cv=1.0, alpha=1.0,
                                 input_range=(8, args.max_len), output_range=(8, args.max_len),
                                 vocab=engine.spec.vocab, seed=7)
@@ -238,7 +238,7 @@ def phase_workload(args, tp: int, skip: bool, runs: list[str]) -> dict:
             before = engine.stats()
             log.info("run %s: %d requests over %.0fs at %.1f req/s", label, len(trace), args.duration, args.rate)
             timer = watchdog(args.duration * args.deadline_factor + 120, f"run {label}")
-            timings = replay(engine, trace, drop_adapters=(label == "base"),
+            timings = replay(engine, trace, drop_adapters=label.startswith("base"),
                              deadline=args.duration * args.deadline_factor)
             timer.cancel()
             report = summarize(timings).as_dict()
@@ -393,6 +393,8 @@ def main() -> int:
     ap.add_argument("--startup-timeout", type=float, default=240.0, help="seconds an engine may take to start")
     ap.add_argument("--no-graphs", action="store_true", help="eager decode everywhere")
     ap.add_argument("--tp1-base", action="store_true", help="also run the base model on one GPU")
+    ap.add_argument("--ab-overlap", action="store_true",
+                    help="each phase's runs again with overlap_decode off (labels *_sync), same engine")
     ap.add_argument("--phases", default=",".join(PHASES))
     ap.add_argument("--budget", type=float, default=470.0, help="seconds for all phases together")
     ap.add_argument("--min-phase-scale", type=float, default=1.0, help=argparse.SUPPRESS)

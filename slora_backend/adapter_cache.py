@@ -90,7 +90,7 @@ def device_lora_batch(t: LoraTables, seg_starts: list[int], max_seg_len: int, de
     if n_decode:
         parts += [np.arange(n_decode + 1, dtype=np.int32), seg_adapter[n_seg:]]
     flat, offsets = _pack_int32(parts)
-    flat = torch.from_numpy(flat).to(dev)
+    flat = torch.from_numpy(flat).to(dev, non_blocking=True)  # no stream sync: see ModelRunner.prepare
     views = [flat[o : o + len(p)] for o, p in zip(offsets, parts, strict=True)]
     ints = views[0].view(3, 7, n_adapters)
     page_ids = torch.cat(t.page_id_parts) if t.page_id_parts else torch.zeros(1, dtype=torch.int32, device=dev)
@@ -323,7 +323,7 @@ class AdapterCache:
         if not self.reclaim(host.n_pages):
             return False
         pages = self.pool.alloc(host.n_pages, PageUse.ADAPTER)
-        page_ids = torch.tensor(pages, dtype=torch.int32, device=self.device)
+        page_ids = torch.tensor(pages, dtype=torch.int32).to(self.device, non_blocking=True)
         res = ResidentAdapter(host=host.info(), pages=pages, page_ids=page_ids)
         if self._stream is not None:
             with self._lock:

@@ -64,6 +64,9 @@ class DecodeGraphs:
         self.h_table = torch.zeros(B, L * 2, dtype=torch.int32, pin_memory=pin)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.mempool = None
+        # Marks the last step's copies out of the pinned staging buffers: the next step may be
+        # staged while that one is still queued (Engine's overlap), and must not overwrite them first.
+        self._staged = torch.cuda.Event() if pin else None
 
     def bucket(self, batch: int) -> int | None:
         for b in self.sizes:
@@ -131,6 +134,8 @@ class DecodeGraphs:
         reqs = step.requests
         n = len(reqs)
         b = self.bucket(n)
+        if self._staged is not None:
+            self._staged.synchronize()  # in practice long done: the copies lead their step
         lens = np.fromiter((r.seq_len for r in reqs), dtype=np.int64, count=n)
         max_len = int(lens.max())
         table = self.h_table.numpy()
@@ -169,6 +174,8 @@ class DecodeGraphs:
             self.lora_ints.copy_(self.h_lora_ints, non_blocking=True)
             self.scales.copy_(self.h_scales, non_blocking=True)
             torch.cat(tables.page_id_parts, out=self.page_ids[: tables.total_pages])
+        if self._staged is not None:
+            self._staged.record()
         return n, b, rank, modules
 
     def replay(self, n: int, b: int, rank: int, modules: int = 0) -> torch.Tensor | None:

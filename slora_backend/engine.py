@@ -13,7 +13,7 @@ import shutil
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -47,8 +47,8 @@ from .request import (
     SamplingParams,
     Status,
 )
-from .sampler import Sampler
-from .scheduler import Scheduler
+from .sampler import PendingTokens, Sampler
+from .scheduler import ScheduledStep, Scheduler
 from .tensor_parallel import ShardedAdapterCache, pool_capacity
 from .tokenizer import load_tokenizer
 
@@ -80,6 +80,16 @@ class _Tracked:
         self.stops = stops
         self.held = ""  # text not yet sent: it could be the start of a stop string
         self.sent_ids = 0  # output ids already streamed
+
+
+@dataclass
+class _Launched:
+    """A step whose GPU work is queued: its tokens arrive with `tokens`."""
+
+    step: ScheduledStep
+    tokens: PendingTokens | list[int]
+    t0: float  # when its host work began
+    rows: dict[int, int] | None = None  # request id -> row: set when the next step may overlap it
 
 
 class Engine:
@@ -178,6 +188,12 @@ class Engine:
         # serving run's time goes. kind -> [steps, seconds, tokens computed]
         self.step_time = {"prefill": [0, 0.0, 0], "decode": [0, 0.0, 0]}
         self.mixed_steps = 0  # prefill steps that also decoded running requests
+        # Overlap (config.overlap_decode): a greedy decode step is scheduled and launched while
+        # the last one still runs on the GPU, whose tokens the host then reads and streams.
+        self._inflight: _Launched | None = None
+        self._last_done = 0.0  # when the last step's tokens were processed
+        self.overlapped_steps = 0  # steps launched before the previous one's tokens were read
+        self.gpu_wait_s = 0.0  # host time spent waiting for a step's tokens (device-bound share)
         log.info("engine ready in %.1fs: %s layers=%d hidden=%d heads=%d/%d on %s %s, kernels=%s, "
                  "pool %d pages x %d (%.1f MiB)", time.monotonic() - t0, config.model_dir, s.layers,
                  s.hidden, s.heads, s.kv_heads, self.device, self.dtype, backend, pages, s.page_width,
@@ -406,6 +422,9 @@ class Engine:
             "steps": self.steps,
             "generated_tokens": self.generated_tokens,
             "mixed_steps": self.mixed_steps,
+            # decode steps launched while the previous one ran; host time blocked on the GPU
+            "overlapped_steps": self.overlapped_steps,
+            "gpu_wait_s": round(self.gpu_wait_s, 3),
             "loop_stalled_s": round(self.stalled_for(), 3),
             "step_time": {kind: dict(zip(("steps", "seconds", "tokens"), v, strict=True))
                           for kind, v in self.step_time.items()},
@@ -485,6 +504,11 @@ class Engine:
                     log.error("test fault injection: %s appeared; the engine loop hangs", hang_file)
                     while not self._stop:  # like a deadlock, except that shutdown ends it
                         time.sleep(0.05)
+                if self._inflight is not None:
+                    prev = self._inflight
+                    self._inflight = self._launch_ahead(prev)  # queued behind prev on the GPU
+                    self._complete(prev)
+                    continue
                 if not self.scheduler.has_work():
                     self._wake.wait(0.05)
                     self._wake.clear()
@@ -494,7 +518,11 @@ class Engine:
                     self._wake.wait(0.001)
                     self._wake.clear()
                     continue
-                self._run_step(step)
+                launched = self._launch(step)
+                if launched is not None and launched.rows is not None:
+                    self._inflight = launched  # the next step may be launched before its tokens are read
+                elif launched is not None:
+                    self._complete(launched)
         except BaseException as e:  # the thread must never die silently
             log.exception("engine thread died")
             self._error = e
@@ -532,14 +560,34 @@ class Engine:
                 if tracked is not None:
                     self._finish(tracked, FinishReason.CANCELLED)
 
-    def _run_step(self, step) -> None:
+    def _overlappable(self, step: ScheduledStep) -> bool:
+        """Steps whose successor may be launched before their tokens are read: decode-only and
+        greedy (sampling with a temperature reads its row on the host)."""
+        return self.config.overlap_decode and not step.prefill and Sampler.all_greedy(step.requests)
+
+    def _launch(self, step: ScheduledStep, prev: _Launched | None = None) -> _Launched | None:
+        """Queue a step's forward and sampling. With `prev`, the step's input ids are prev's
+        tokens, taken on the device. None when the step failed (its requests got errors)."""
         t0 = time.perf_counter()
+        overlap = self._overlappable(step)
         try:
+            prev_ids = None
+            if prev is not None:
+                src = [prev.rows[r.request_id] for r in step.requests]
+                src = torch.tensor(src, dtype=torch.int64).to(self.device, non_blocking=True)
+                prev_ids = prev.tokens.device.index_select(0, src)
             if not step.prefill and self.graphs is not None:
-                logits = self.graphs.run(step, self.adapters)
+                n, b, rank, modules = self.graphs.stage(step, self.adapters)
+                if prev_ids is not None:
+                    self.graphs.input_ids[:n].copy_(prev_ids)
+                logits = self.graphs.replay(n, b, rank, modules)
             else:
-                logits = self.runner.forward(self.runner.prepare(step, self.adapters))
-            tokens = self.sampler.sample(logits, step.requests)
+                inp = self.runner.prepare(step, self.adapters)
+                if prev_ids is not None:
+                    inp.input_ids.copy_(prev_ids)
+                logits = self.runner.forward(inp)
+            sample = self.sampler.launch_greedy if overlap else self.sampler.sample
+            tokens = sample(logits, step.requests)
         except Exception as e:
             if self.tp is not None:  # the ranks may be out of step now: a tensor-parallel engine stops
                 raise RuntimeError(self.tp.explain(e)) from e
@@ -549,21 +597,54 @@ class Engine:
                 tracked = self._tracked.get(req.request_id)
                 if tracked is not None:
                     self._finish(tracked, FinishReason.ERROR, error=f"internal error: {e}")
-            return
+            return None
+        for req in step.requests:  # their next token is now on its way
+            req.num_computed = req.seq_len
+            req.pending += 1
+        rows = {r.request_id: i for i, r in enumerate(step.requests)} if overlap else None
+        self.overlapped_steps += prev is not None
+        return _Launched(step, tokens, t0, rows)
+
+    def _launch_ahead(self, prev: _Launched) -> _Launched | None:
+        """The next decode step, launched before prev's tokens are read, when the scheduler has
+        one that neither admits nor preempts; prev's requests near their length limit stay out."""
+
+        def continuing(req: Request) -> bool:
+            if req.request_id not in prev.rows or req.request_id not in self._tracked:
+                return False
+            return (len(req.output_ids) + req.pending < req.params.max_tokens
+                    and req.seq_len < self.max_model_len)
+
+        step = self.scheduler.schedule_decode_ahead(continuing)
+        if step is None:
+            return None
+        return self._launch(step, prev)  # overlappable: a subset of prev's greedy requests
+
+    def _complete(self, launched: _Launched) -> None:
+        """Read a step's tokens (waiting for the GPU if need be) and stream them."""
+        t_wait = time.perf_counter()
+        tokens = launched.tokens.wait() if isinstance(launched.tokens, PendingTokens) else launched.tokens
+        now_perf = time.perf_counter()
+        self.gpu_wait_s += now_perf - t_wait
+        step = launched.step
         self.steps += 1
         kind = self.step_time["prefill" if step.prefill else "decode"]
         kind[0] += 1
-        kind[1] += time.perf_counter() - t0
-        kind[2] += sum(r.seq_len for r in step.prefills) + len(step.requests) - len(step.prefills)
+        kind[1] += now_perf - max(launched.t0, self._last_done)  # overlapped: time since the last one
+        kind[2] += sum(r.seq_len - r.pending for r in step.prefills) + len(step.requests) - len(step.prefills)
+        self._last_done = now_perf
         self.mixed_steps += step.decodes > 0
         now = time.monotonic()
         for req, token in zip(step.requests, tokens, strict=True):
-            req.num_computed = req.seq_len
+            tracked = self._tracked.get(req.request_id)
+            if tracked is None:  # finished or cancelled after this step was launched
+                continue
+            req.pending -= 1
             req.output_ids.append(token)
             self.generated_tokens += 1
             if req.first_token_time is None:
                 req.first_token_time = now
-            self._postprocess(self._tracked[req.request_id], token)
+            self._postprocess(tracked, token)
 
     def _postprocess(self, t: _Tracked, token: int) -> None:
         req, p = t.req, t.req.params
@@ -579,7 +660,7 @@ class Engine:
         if reason is None:
             if eos:
                 reason = FinishReason.STOP
-            elif len(req.output_ids) >= p.max_tokens or req.seq_len >= self.max_model_len:
+            elif len(req.output_ids) >= p.max_tokens or req.seq_len - req.pending >= self.max_model_len:
                 reason = FinishReason.LENGTH
         if reason is not None:
             if reason is FinishReason.LENGTH:

@@ -208,8 +208,17 @@ class ModelRunner:
     # -- inputs --------------------------------------------------------------------------
     def prepare(self, step: ScheduledStep, adapters: AdapterCache) -> StepInputs:
         """A step's rows as device tensors: every token of each prefill request, then one row
-        per decoding request (a decode step has only those)."""
+        per decoding request (a decode step has only those).
+
+        Every host-to-device copy is non_blocking: a blocking one waits for the whole stream,
+        i.e. for the step still running on the GPU (Engine's overlap). The sources are pageable,
+        which CUDA stages before the call returns, so they may be freed right after.
+        """
         dev = self.device
+
+        def put(a) -> torch.Tensor:
+            return torch.as_tensor(a).to(dev, non_blocking=True)
+
         reqs = step.requests
         pre = step.prefills
         dec = reqs[len(pre) :]
@@ -227,17 +236,17 @@ class ModelRunner:
             for i, r in enumerate(dec):
                 table[i, : len(r.kv_pages)] = r.kv_pages.array
             pages.append(table[np.arange(len(dec))[:, None], (2 * lens - 2)[:, None] + (0, 1)].reshape(-1))
-            kv_table = torch.from_numpy(table).view(len(dec), -1, 2).to(dev)
-            seq_lens = torch.from_numpy(lens.astype(np.int32)).to(dev)
+            kv_table = put(table).view(len(dec), -1, 2)
+            seq_lens = put(lens.astype(np.int32))
         bounds = np.cumsum([0] + [r.seq_len for r in pre] + [1] * len(dec)).tolist()  # rows of each request
         pages = np.concatenate(pages)
         return StepInputs(
             prefill=step.prefill,
-            input_ids=torch.tensor(ids, dtype=torch.int64, device=dev),
-            positions=torch.from_numpy(np.concatenate(positions)).to(dev),
-            k_pages=torch.from_numpy(pages[0::2].copy()).to(dev),
-            v_pages=torch.from_numpy(pages[1::2].copy()).to(dev),
-            last_rows=torch.tensor([b - 1 for b in bounds[1:]], dtype=torch.int64, device=dev),
+            input_ids=put(np.array(ids, dtype=np.int64)),
+            positions=put(np.concatenate(positions)),
+            k_pages=put(pages[0::2].copy()),
+            v_pages=put(pages[1::2].copy()),
+            last_rows=put(np.array(bounds[1:], dtype=np.int64) - 1),
             seq_bounds=bounds[: len(pre) + 1],
             kv_table=kv_table,
             seq_lens=seq_lens,

@@ -129,6 +129,10 @@ class Request:
     num_computed: int = 0  # tokens whose K/V are in the pool
     preemptions: int = 0
     first_token_time: float | None = None
+    # Tokens computed by steps still on the GPU whose ids the host has not read yet (0-2: the
+    # engine overlaps a decode step's host work with the next one's GPU work). They count in
+    # seq_len (their KV pages are held); the next step reads their ids on the device.
+    pending: int = 0
 
     @property
     def last_id(self) -> int:
@@ -140,4 +144,4 @@ class Request:
 
     @property
     def seq_len(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
+        return len(self.prompt_ids) + len(self.output_ids) + self.pending

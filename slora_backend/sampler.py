@@ -2,20 +2,46 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .request import Request
+
+
+class PendingTokens:
+    """A step's greedy tokens on their way to the host. `device` (B,) int64 stays on the GPU:
+    the next decode step takes its input ids from it before the host has seen them."""
+
+    def __init__(self, device_ids: torch.Tensor):
+        self.device = device_ids
+        if device_ids.is_cuda:
+            self._host = device_ids.to("cpu", non_blocking=True)  # into pinned memory
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+        else:
+            self._host, self._copied = device_ids, None
+
+    def wait(self) -> list[int]:
+        """The ids, once the step (and the copy behind it) has run."""
+        if self._copied is not None:
+            self._copied.synchronize()
+        return self._host.tolist()
 
 
 class Sampler:
     def __init__(self, device: torch.device):
         self.device = device
         self._generators: dict[int, torch.Generator] = {}
+        # Parity tools: called with (logits, requests) of every step before the choice.
+        self.observe: Callable[[torch.Tensor, list[Request]], None] | None = None
 
     def sample(self, logits: torch.Tensor, reqs: list[Request]) -> list[int]:
         """logits: (B, vocab) fp32, row i for reqs[i]."""
+        if self.observe is not None:
+            self.observe(logits, reqs)
         greedy = logits.argmax(dim=-1)
-        chosen = greedy.tolist() if all(r.params.temperature == 0 for r in reqs) else None
+        chosen = greedy.tolist() if self.all_greedy(reqs) else None
         if chosen is not None:
             return chosen
         chosen = greedy.tolist()
@@ -23,6 +49,16 @@ class Sampler:
             if r.params.temperature > 0:
                 chosen[i] = self._sample_row(logits[i], r)
         return chosen
+
+    @staticmethod
+    def all_greedy(reqs: list[Request]) -> bool:
+        return all(r.params.temperature == 0 for r in reqs)
+
+    def launch_greedy(self, logits: torch.Tensor, reqs: list[Request]) -> PendingTokens:
+        """Greedy choice of every row without waiting for the device (Engine's overlap)."""
+        if self.observe is not None:
+            self.observe(logits, reqs)
+        return PendingTokens(logits.argmax(dim=-1))
 
     def _sample_row(self, row: torch.Tensor, req: Request) -> int:
         p = req.params

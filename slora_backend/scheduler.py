@@ -92,6 +92,28 @@ class Scheduler:
             self._deferred_in_a_row = 0
         return step
 
+    def schedule_decode_ahead(self, continuing: Callable[[Request], bool]) -> ScheduledStep | None:
+        """The next decode step, scheduled while the last one is still on the GPU (the engine's
+        overlap): the running requests for which `continuing` holds (not finished, not at their
+        length limit, in the last step). None when this step should admit, or preempt, or has
+        nobody to decode: the engine then waits for the GPU and calls schedule(). Nothing
+        changes on None."""
+        if not self.waiting:
+            self._deferred_in_a_row = 0
+        elif not self._defer_admission():
+            return None
+        reqs = [r for r in self.running if continuing(r)]
+        if not reqs or not self.adapters.reclaim(2 * len(reqs)):  # reclaim only evicts idle adapters
+            return None
+        pages = self.pool.alloc(2 * len(reqs), PageUse.KV)
+        for i, req in enumerate(reqs):
+            req.kv_pages.extend(pages[2 * i : 2 * i + 2])
+        if self.waiting:
+            self.deferred_steps += 1
+            self._deferred_in_a_row += 1
+            self._prefetch_adapters()
+        return ScheduledStep(prefill=False, requests=sorted(reqs, key=adapter_order))
+
     def _schedule(self) -> ScheduledStep | None:
         if self.mix_decode and self.waiting and self.running:
             # Next-token pages for the running requests first (they never wait on newcomers).
