@@ -188,11 +188,12 @@ class Engine:
         # serving run's time goes. kind -> [steps, seconds, tokens computed]
         self.step_time = {"prefill": [0, 0.0, 0], "decode": [0, 0.0, 0]}
         self.mixed_steps = 0  # prefill steps that also decoded running requests
-        # Overlap (config.overlap_decode): a greedy decode step is scheduled and launched while
-        # the last one still runs on the GPU, whose tokens the host then reads and streams.
+        # Overlap (config.overlap_decode): the next step is scheduled and launched while the last
+        # (greedy) one still runs on the GPU, whose tokens the host then reads and streams.
         self._inflight: _Launched | None = None
         self._last_done = 0.0  # when the last step's tokens were processed
         self.overlapped_steps = 0  # steps launched before the previous one's tokens were read
+        self.overlapped_prefill_steps = 0  # ... of which prefill (mixed) steps
         self.gpu_wait_s = 0.0  # host time spent waiting for a step's tokens (device-bound share)
         log.info("engine ready in %.1fs: %s layers=%d hidden=%d heads=%d/%d on %s %s, kernels=%s, "
                  "pool %d pages x %d (%.1f MiB)", time.monotonic() - t0, config.model_dir, s.layers,
@@ -424,6 +425,7 @@ class Engine:
             "mixed_steps": self.mixed_steps,
             # decode steps launched while the previous one ran; host time blocked on the GPU
             "overlapped_steps": self.overlapped_steps,
+            "overlapped_prefill_steps": self.overlapped_prefill_steps,
             "gpu_wait_s": round(self.gpu_wait_s, 3),
             "loop_stalled_s": round(self.stalled_for(), 3),
             "step_time": {kind: dict(zip(("steps", "seconds", "tokens"), v, strict=True))
@@ -505,9 +507,7 @@ class Engine:
                     while not self._stop:  # like a deadlock, except that shutdown ends it
                         time.sleep(0.05)
                 if self._inflight is not None:
-                    prev = self._inflight
-                    self._inflight = self._launch_ahead(prev)  # queued behind prev on the GPU
-                    self._complete(prev)
+                    self._step_ahead(self._inflight)
                     continue
                 if not self.scheduler.has_work():
                     self._wake.wait(0.05)
@@ -561,30 +561,27 @@ class Engine:
                     self._finish(tracked, FinishReason.CANCELLED)
 
     def _overlappable(self, step: ScheduledStep) -> bool:
-        """Steps whose successor may be launched before their tokens are read: decode-only and
-        greedy (sampling with a temperature reads its row on the host)."""
-        return self.config.overlap_decode and not step.prefill and Sampler.all_greedy(step.requests)
+        """Steps whose successor may be launched before their tokens are read: greedy ones
+        (sampling with a temperature reads its rows on the host)."""
+        return self.config.overlap_decode and Sampler.all_greedy(step.requests)
 
     def _launch(self, step: ScheduledStep, prev: _Launched | None = None) -> _Launched | None:
-        """Queue a step's forward and sampling. With `prev`, the step's input ids are prev's
-        tokens, taken on the device. None when the step failed (its requests got errors)."""
+        """Queue a step's forward and sampling. With `prev` (still on the GPU), the decode rows
+        of prev's requests take their input ids from prev's tokens, on the device. None when the
+        step failed (its requests got errors)."""
         t0 = time.perf_counter()
         overlap = self._overlappable(step)
         try:
-            prev_ids = None
-            if prev is not None:
-                src = [prev.rows[r.request_id] for r in step.requests]
-                src = torch.tensor(src, dtype=torch.int64).to(self.device, non_blocking=True)
-                prev_ids = prev.tokens.device.index_select(0, src)
+            fill = None if prev is None else self._ids_from(prev, step)
             if not step.prefill and self.graphs is not None:
                 n, b, rank, modules = self.graphs.stage(step, self.adapters)
-                if prev_ids is not None:
-                    self.graphs.input_ids[:n].copy_(prev_ids)
+                if fill is not None:
+                    self.graphs.input_ids.index_copy_(0, *fill)
                 logits = self.graphs.replay(n, b, rank, modules)
             else:
                 inp = self.runner.prepare(step, self.adapters)
-                if prev_ids is not None:
-                    inp.input_ids.copy_(prev_ids)
+                if fill is not None:
+                    inp.input_ids.index_copy_(0, *fill)
                 logits = self.runner.forward(inp)
             sample = self.sampler.launch_greedy if overlap else self.sampler.sample
             tokens = sample(logits, step.requests)
@@ -603,22 +600,41 @@ class Engine:
             req.pending += 1
         rows = {r.request_id: i for i, r in enumerate(step.requests)} if overlap else None
         self.overlapped_steps += prev is not None
+        self.overlapped_prefill_steps += prev is not None and step.prefill
         return _Launched(step, tokens, t0, rows)
 
-    def _launch_ahead(self, prev: _Launched) -> _Launched | None:
-        """The next decode step, launched before prev's tokens are read, when the scheduler has
-        one that neither admits nor preempts; prev's requests near their length limit stay out."""
+    def _ids_from(self, prev: _Launched, step: ScheduledStep) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(rows of the step's input ids, prev's tokens for them): the decode rows whose last
+        token prev computes. Prompt rows come first, one row per token."""
+        first_row = sum(r.seq_len for r in step.prefills)
+        rows, src = [], []
+        for i, req in enumerate(step.requests[len(step.prefills) :]):
+            if req.pending:
+                rows.append(first_row + i)
+                src.append(prev.rows[req.request_id])  # it ran in prev: nothing else leaves tokens pending
+        if not rows:
+            return None
+        both = torch.tensor([rows, src], dtype=torch.int64).to(self.device, non_blocking=True)
+        return both[0], prev.tokens.device.index_select(0, both[1])
 
-        def continuing(req: Request) -> bool:
+    def _step_ahead(self, prev: _Launched) -> None:
+        """With prev on the GPU: schedule and launch the next step behind it when that needs
+        nobody preempted, then read and stream prev's tokens."""
+
+        def continuing(req: Request) -> bool:  # decodes again before prev's tokens are read
             if req.request_id not in prev.rows or req.request_id not in self._tracked:
                 return False
             return (len(req.output_ids) + req.pending < req.params.max_tokens
                     and req.seq_len < self.max_model_len)
 
-        step = self.scheduler.schedule_decode_ahead(continuing)
-        if step is None:
-            return None
-        return self._launch(step, prev)  # overlappable: a subset of prev's greedy requests
+        step = self.scheduler.schedule(ahead=continuing)
+        launched = None if step is None else self._launch(step, prev)
+        self._complete(prev)
+        self._inflight = None
+        if launched is not None and launched.rows is None:  # a sampled request joined: no overlap
+            self._complete(launched)
+        elif launched is not None:
+            self._inflight = launched
 
     def _complete(self, launched: _Launched) -> None:
         """Read a step's tokens (waiting for the GPU if need be) and stream them."""

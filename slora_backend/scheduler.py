@@ -77,48 +77,36 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> ScheduledStep | None:
+    def schedule(self, ahead: Callable[[Request], bool] | None = None) -> ScheduledStep | None:
+        """The next step, or None when nothing can run now.
+
+        `ahead` is the engine's overlap: the last step is still on the GPU, and its tokens are
+        not read yet. Then only the running requests for which `ahead` holds decode (not the
+        finished ones, nor those whose last token is in flight), and nobody is preempted:
+        when pages are short the answer is None, with nothing changed."""
         if not self.waiting:
             self._deferred_in_a_row = 0  # nobody waits (all admitted or cancelled): the next start over
         if self._defer_admission():
-            self._reserve_decode_pages()
-            if self.running:  # else all were preempted: admit below
+            decoding = self._reserve_decode_pages(ahead)
+            if decoding is None:
+                return None
+            if decoding:  # else all were preempted (or, ahead, none continues): admit below
                 self.deferred_steps += 1
                 self._deferred_in_a_row += 1
                 self._prefetch_adapters()
-                return ScheduledStep(prefill=False, requests=sorted(self.running, key=adapter_order))
-        step = self._schedule()
+                return ScheduledStep(prefill=False, requests=sorted(decoding, key=adapter_order))
+        step = self._schedule(ahead)
         if step is not None and step.prefill:  # prefill steps are the ones that admitted
             self._deferred_in_a_row = 0
         return step
 
-    def schedule_decode_ahead(self, continuing: Callable[[Request], bool]) -> ScheduledStep | None:
-        """The next decode step, scheduled while the last one is still on the GPU (the engine's
-        overlap): the running requests for which `continuing` holds (not finished, not at their
-        length limit, in the last step). None when this step should admit, or preempt, or has
-        nobody to decode: the engine then waits for the GPU and calls schedule(). Nothing
-        changes on None."""
-        if not self.waiting:
-            self._deferred_in_a_row = 0
-        elif not self._defer_admission():
-            return None
-        reqs = [r for r in self.running if continuing(r)]
-        if not reqs or not self.adapters.reclaim(2 * len(reqs)):  # reclaim only evicts idle adapters
-            return None
-        pages = self.pool.alloc(2 * len(reqs), PageUse.KV)
-        for i, req in enumerate(reqs):
-            req.kv_pages.extend(pages[2 * i : 2 * i + 2])
-        if self.waiting:
-            self.deferred_steps += 1
-            self._deferred_in_a_row += 1
-            self._prefetch_adapters()
-        return ScheduledStep(prefill=False, requests=sorted(reqs, key=adapter_order))
-
-    def _schedule(self) -> ScheduledStep | None:
+    def _schedule(self, ahead) -> ScheduledStep | None:
         if self.mix_decode and self.waiting and self.running:
             # Next-token pages for the running requests first (they never wait on newcomers).
-            self._reserve_decode_pages()
-            decoding = sorted(self.running, key=adapter_order)
+            decoding = self._reserve_decode_pages(ahead)
+            if decoding is None:
+                return None
+            decoding = sorted(decoding, key=adapter_order)
             admitted = self._admit()
             if admitted or decoding:
                 return ScheduledStep(prefill=bool(admitted),
@@ -128,9 +116,9 @@ class Scheduler:
         if admitted:
             return ScheduledStep(prefill=True, requests=sorted(admitted, key=adapter_order))
         if self.running:
-            self._reserve_decode_pages()
-            if self.running:
-                return ScheduledStep(prefill=False, requests=sorted(self.running, key=adapter_order))
+            decoding = self._reserve_decode_pages(ahead)
+            if decoding:
+                return ScheduledStep(prefill=False, requests=sorted(decoding, key=adapter_order))
         return None
 
     # -- admission -----------------------------------------------------------------------
@@ -198,14 +186,23 @@ class Scheduler:
         return admitted
 
     # -- decode --------------------------------------------------------------------------
-    def _reserve_decode_pages(self) -> None:
-        """Give every running request 2 pages (K, V) for its next token, preempting if short."""
-        while self.running and not self.adapters.reclaim(2 * len(self.running)):
-            victim = max(self.running, key=lambda r: r.arrival_time)
-            self.preempt(victim)
-        pages = self.pool.alloc(2 * len(self.running), PageUse.KV)  # one call: this runs every step
-        for i, req in enumerate(self.running):
+    def _reserve_decode_pages(self, ahead=None) -> list[Request] | None:
+        """Give every decoding request 2 pages (K, V) for its next token, preempting if short;
+        returns the decoding requests. With `ahead` (see schedule): those for which it holds,
+        never preempting: None when pages are short."""
+        if ahead is None:
+            while self.running and not self.adapters.reclaim(2 * len(self.running)):
+                victim = max(self.running, key=lambda r: r.arrival_time)
+                self.preempt(victim)
+            decoding = self.running
+        else:
+            decoding = [r for r in self.running if ahead(r)]
+            if not self.adapters.reclaim(2 * len(decoding)):  # (reclaim evicts idle adapters only)
+                return None
+        pages = self.pool.alloc(2 * len(decoding), PageUse.KV)  # one call: this runs every step
+        for i, req in enumerate(decoding):
             req.kv_pages.extend(pages[2 * i : 2 * i + 2])
+        return list(decoding)
 
     def preempt(self, req: Request) -> None:
         log.info("preempting request %d (%d tokens) to free pages", req.request_id, req.seq_len)

@@ -7,7 +7,7 @@ and every page must come back."""
 from __future__ import annotations
 
 import pytest
-from engine_utils import greedy, run_batch, text_of, tokens_of
+from engine_utils import greedy, run_batch, run_staggered, text_of, tokens_of
 from test_scheduler import add_requests, make_scheduler, run
 from tiny_model import build_adapter, build_tiny_model
 
@@ -50,7 +50,7 @@ def jobs(stop: str | None) -> list[dict]:
 
 
 @pytest.mark.parametrize("static", [False, True], ids=["eager-decode", "static-decode-buffers"])
-def test_overlapped_decode_matches_the_synchronous_engine(model, static):
+def test_overlapped_steps_match_the_synchronous_engine(model, static):
     results, stats = {}, {}
     stop = None
     for overlap in (False, True):
@@ -72,6 +72,29 @@ def test_overlapped_decode_matches_the_synchronous_engine(model, static):
     assert stats[True]["overlapped_steps"] > 10
     for s in stats.values():  # (the static path holds its two scratch pages)
         assert s["pool"]["pages_kv"] == (2 if static else 0) and s["requests"]["running"] == 0
+
+
+def test_prefills_launched_behind_a_running_step_match_the_synchronous_engine(model):
+    """Requests arriving while others decode: their (mixed) prefill steps are launched before
+    the running requests' last tokens are read; those rows take their ids on the device."""
+    first = [dict(prompt="The quick brown", adapter="a1", params=greedy(60)),
+             dict(prompt="Serving many adapters", adapter="a2", params=greedy(9)),
+             dict(prompt="Hello there", params=greedy(50))]
+    later = [dict(prompt="Late arrival", adapter="a2", params=greedy(12)),
+             dict(prompt="Another late one", params=greedy(7)),
+             dict(prompt="And with a1", adapter="a1", params=greedy(10))]
+    results, stats = {}, {}
+    for overlap in (False, True):
+        engine = make_engine(model, overlap, static=False)
+        try:
+            outs = run_staggered(engine, first, later, after_tokens=3)
+            results[overlap] = [(tokens_of(o), o[-1].finish_reason) for o in outs]
+            stats[overlap] = engine.stats()
+        finally:
+            engine.shutdown()
+    assert results[True] == results[False]
+    assert stats[True]["overlapped_prefill_steps"] > 0 and stats[False]["overlapped_steps"] == 0
+    assert stats[True]["pool"]["pages_kv"] == 0
 
 
 def test_cancel_while_a_step_is_in_flight_frees_everything(model):
@@ -110,22 +133,30 @@ def test_sampled_requests_take_the_synchronous_path(model):
         engine.shutdown()
 
 
-def test_decode_ahead_schedules_only_a_plain_decode_step():
+def test_scheduling_ahead_decodes_the_continuing_and_admits_but_never_preempts():
     sched = make_scheduler(max_batch_size=4, admit_min_batch=1)
     reqs = add_requests(sched, 3)
     run(sched)  # prefill: all three running
     free = sched.pool.free
-    step = sched.schedule_decode_ahead(lambda r: r is not reqs[1])
+    step = sched.schedule(ahead=lambda r: r is not reqs[1])
     assert step is not None and not step.prefill
     assert set(step.requests) == {reqs[0], reqs[2]}
     assert sched.pool.free == free - 4  # K and V pages for the two
-    # A waiting request that could be admitted now: no step ahead, nothing allocated.
-    add_requests(sched, 1)
-    free = sched.pool.free
-    assert sched.schedule_decode_ahead(lambda r: True) is None
-    assert sched.pool.free == free and len(sched.waiting) == 1
-    # Nobody continuing: none either.
-    sched2 = make_scheduler(max_batch_size=4, admit_min_batch=1)
-    add_requests(sched2, 2)
-    run(sched2)
-    assert sched2.schedule_decode_ahead(lambda r: False) is None
+    # A waiting request that fits: admitted beside the continuing ones (a mixed step).
+    late = add_requests(sched, 1)[0]
+    step = sched.schedule(ahead=lambda r: r is not reqs[1] and r is not late)
+    assert step.prefill and step.prefills == [late] and set(step.requests[1:]) == {reqs[0], reqs[2]}
+    # Nobody continuing, nobody waiting: nothing to run.
+    assert sched.schedule(ahead=lambda r: False) is None
+
+
+def test_scheduling_ahead_answers_none_where_it_would_preempt():
+    sched = make_scheduler(max_batch_size=4, admit_min_batch=1, pages=40)
+    reqs = add_requests(sched, 3, prompt_len=6)  # 36 pages of KV
+    run(sched)
+    free, running = sched.pool.free, list(sched.running)
+    assert free < 2 * len(reqs)
+    assert sched.schedule(ahead=lambda r: True) is None
+    assert sched.pool.free == free and sched.running == running and sched.preemptions == 0
+    step = sched.schedule()  # without a step in flight it preempts, as before
+    assert step is not None and sched.preemptions > 0
