@@ -44,7 +44,7 @@ def run_counters(before: dict, after: dict) -> dict:
            "admission_deferred_steps": (after["requests"]["admission_deferred_steps"]
                                         - before["requests"]["admission_deferred_steps"]),
            "kernel_compiles": after["kernel_compiles_while_serving"] - before["kernel_compiles_while_serving"],
-           # decode steps launched before the last one's tokens were read (Engine overlap), and
+           # steps launched before the last one's tokens were read (Engine overlap), and
            # the host's time blocked on the GPU: near the run's length = device-bound
            "overlapped_steps": after["overlapped_steps"] - before["overlapped_steps"],
            "gpu_wait_s": round(after["gpu_wait_s"] - before["gpu_wait_s"], 3),

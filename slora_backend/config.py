@@ -51,9 +51,10 @@ class EngineConfig:
     # the model) when one step or wait has lasted longer than this.
     engine_stall_timeout_s: float = 120.0
     cuda_graphs: bool = True  # on CUDA with the Triton kernels: replay decode steps from graphs
-    # Launch the next greedy decode step before reading the last one's tokens (its input ids
-    # are taken on the device), so that scheduling, staging, detokenizing and streaming run
-    # while the GPU computes. A request that stops on EOS or a stop string costs one wasted row.
+    # Schedule and launch the next step before reading the last (greedy) one's tokens: its
+    # input ids for them are taken on the device, so scheduling, staging, launching,
+    # detokenizing and streaming run while the GPU computes (engine.py _step_ahead). A request
+    # that stops on EOS or a stop string costs one wasted row.
     overlap_decode: bool = True
     # GPUs of this host the model is split over (tensor parallelism; rank 0 runs in the engine,
     # one worker process per other GPU; gloo processes on CPU). 1 = one GPU.

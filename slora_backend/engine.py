@@ -423,7 +423,7 @@ class Engine:
             "steps": self.steps,
             "generated_tokens": self.generated_tokens,
             "mixed_steps": self.mixed_steps,
-            # decode steps launched while the previous one ran; host time blocked on the GPU
+            # steps launched while the previous one ran (config.overlap_decode); host time blocked on the GPU
             "overlapped_steps": self.overlapped_steps,
             "overlapped_prefill_steps": self.overlapped_prefill_steps,
             "gpu_wait_s": round(self.gpu_wait_s, 3),
