@@ -120,9 +120,13 @@ class DecodeGraphs:
         """What a graph captures: the whole forward (tensor parallelism replaces it)."""
         return self.runner.forward(inputs)
 
-    def run(self, step: ScheduledStep, adapters: AdapterCache) -> torch.Tensor:
-        """Logits (B, vocab) of a decode step, by graph replay."""
-        return self.replay(*self.stage(step, adapters))
+    def run(self, step: ScheduledStep, adapters: AdapterCache, fill=None) -> torch.Tensor:
+        """Logits (B, vocab) of a decode step, by graph replay. `fill` = (rows, ids) device
+        tensors overwriting those rows' input ids after staging (Engine._ids_from)."""
+        n, b, rank, modules = self.stage(step, adapters)
+        if fill is not None:
+            self.input_ids.index_copy_(0, *fill)
+        return self.replay(n, b, rank, modules)
 
     def stage(self, step: ScheduledStep, adapters: AdapterCache) -> tuple[int, int, int, int]:
         """Copy the step's inputs into the static buffers; returns (rows, bucket, rank bucket,

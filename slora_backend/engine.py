@@ -574,10 +574,7 @@ class Engine:
         try:
             fill = None if prev is None else self._ids_from(prev, step)
             if not step.prefill and self.graphs is not None:
-                n, b, rank, modules = self.graphs.stage(step, self.adapters)
-                if fill is not None:
-                    self.graphs.input_ids.index_copy_(0, *fill)
-                logits = self.graphs.replay(n, b, rank, modules)
+                logits = self.graphs.run(step, self.adapters, fill)
             else:
                 inp = self.runner.prepare(step, self.adapters)
                 if fill is not None:
