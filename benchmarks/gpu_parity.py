@@ -74,9 +74,9 @@ def hf_logits(model_dir, adapter_dir, ids: list[int], start: int, dtype) -> torc
     return out
 
 
-def run_engine(model_dir, adapter_dir, dtype_name, jobs):
+def run_engine(model_dir, adapter_dir, dtype_name, jobs, pool_pages: int = 20000):
     engine = Engine(EngineConfig(model_dir=str(model_dir), adapter_dir=str(adapter_dir), dtype=dtype_name,
-                                 kernel_backend="triton", pool_pages=20000))
+                                 kernel_backend="triton", pool_pages=pool_pages))
     recorded: dict[int, list[torch.Tensor]] = {}
 
     def record(logits, reqs):  # every step's logits, overlapped decode steps included
@@ -96,10 +96,10 @@ def run_engine(model_dir, adapter_dir, dtype_name, jobs):
         tokens[k] += o.token_ids
         done[k] = o.finished
 
-    half = len(jobs) // 2
+    half = min(len(jobs) // 2, len(ADAPTERS) + 3)  # one wave: 8 requests (3 without an adapter)
     for k, job in enumerate(jobs):
-        if k == half:
-            for j in range(half):
+        if k and k % half == 0:
+            for j in range(k - half, k):
                 while len(tokens[j]) < 2 and not done[j]:
                     take(j)
         qs.append(queue.SimpleQueue())
@@ -112,6 +112,9 @@ def run_engine(model_dir, adapter_dir, dtype_name, jobs):
     stats = engine.stats()
     engine.shutdown()
     counters = {"steps": stats["steps"], "mixed_steps": stats["mixed_steps"],
+                "overlapped_steps": stats["overlapped_steps"], "adapter_loads": stats["adapters"]["loads"],
+                "adapter_evictions": stats["adapters"]["evictions"],
+                "preemptions": stats["requests"]["preemptions"],
                 "kernel_compiles_while_serving": stats["kernel_compiles_while_serving"]}
     return tokens, [torch.stack(recorded[i]) for i in ids], counters
 
@@ -120,16 +123,25 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--new-tokens", type=int, default=24)
+    ap.add_argument("--pressure-pages", type=int, default=2400,
+                    help="pool of the pressure run: the adapters need 2954 pages, a wave's KV about 1000")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     model, adapter_dir, prompts, names, jobs = parity_setup(Path(tempfile.mkdtemp(prefix="gpu_parity_")),
                                                             args.new_tokens)
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": {}}
     ok = True
-    for dtype_name, dtype in (("bfloat16", torch.bfloat16), ("float16", torch.float16)):
-        tokens, ours, counters = run_engine(model, adapter_dir, dtype_name, jobs)
+    # "pressure": the requests three times over, in waves, through a pool that holds the KV and
+    # about two of the adapters: adapters are evicted and loaded again into pages that KV or
+    # other adapters freed while later steps were queued (adapter copies behind StepFences).
+    runs = [("bfloat16", torch.bfloat16, jobs, 20000), ("float16", torch.float16, jobs, 20000),
+            ("bfloat16_pressure", torch.bfloat16, jobs * 3, args.pressure_pages)]
+    for label, dtype, run_jobs, pool_pages in runs:
+        dtype_name = str(dtype).removeprefix("torch.")
+        tokens, ours, counters = run_engine(model, adapter_dir, dtype_name, run_jobs, pool_pages)
         rows = []
-        for p, n, toks, our in zip(prompts, names, tokens, ours, strict=True):
+        reps = len(run_jobs) // len(jobs)
+        for p, n, toks, our in zip(prompts * reps, names * reps, tokens, ours, strict=True):
             seq = p + toks[:-1]
             ad = None if n is None else adapter_dir / n
             ref32 = hf_logits(model, ad, seq, len(p) - 1, torch.float32)
@@ -143,9 +155,9 @@ def main() -> int:
             ok &= passed
             rows.append(dict(adapter=n, prompt_len=len(p), ours_rel_err=ours_err, hf_rel_err=hf_err,
                              top1_agree_ours=agree, top1_agree_hf=hf_agree, passed=passed))
-            log.info("%s %-16s len=%3d ours_err=%.2e hf_err=%.2e top1 ours=%.2f hf=%.2f %s", dtype_name,
+            log.info("%s %-16s len=%3d ours_err=%.2e hf_err=%.2e top1 ours=%.2f hf=%.2f %s", label,
                      n, len(p), ours_err, hf_err, agree, hf_agree, "PASS" if passed else "FAIL")
-        report["results"][dtype_name] = {**counters, "requests": rows}
+        report["results"][label] = {**counters, "pool_pages": pool_pages, "requests": rows}
     report["passed"] = ok
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,11 @@
 #                                                 #   collectives (~8 min)
 #   OUT=... bash benchmarks/gpu_plan.sh tpsplit   # h200-x2: mixed steps (64 decoding requests) profiled at
 #                                                 #   TP=2 and TP=1, decode rows on MBGMM vs MBGMV (item 17, ~6 min)
+#   OUT=... bash benchmarks/gpu_plan.sh fence     # h200: parity with a pool under pressure, S2 n=5/1000 with
+#                                                 #   the adapter-copy fence A/B and a profile of n=1000 (~9 min)
+#   OUT=... bash benchmarks/gpu_plan.sh eager     # h200: parity, an eager mixed step's host and GPU time, host
+#                                                 #   time by op (~4 min)
+#   OUT=... bash benchmarks/gpu_plan.sh s1fence   # h200: the eager step, S1 n=5/2000 with the fence A/B (~7 min)
 #
 # A fresh machine matters for the compile checks: Triton's disk cache hides compiles on a
 # machine that has already run the same kernels (BENCHMARKS.md item 13).
@@ -27,9 +32,9 @@
 # In every serving JSON check extra.kernel_compiles == 0 first (kernels/launch.py), then
 # extra.prefill_ms_per_step / decode_ms_per_step: where the time went.
 set -uo pipefail
-usage() { sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,31p' "$0" | sed 's/^# \{0,1\}//'; }
 part="${1:-}"
-case "$part" in serving|s1|kernels|gmv|tp|tp1|tp4|tpsplit) ;; *) usage; exit 2 ;; esac
+case "$part" in serving|s1|kernels|gmv|tp|tp1|tp4|tpsplit|fence|eager|s1fence) ;; *) usage; exit 2 ;; esac
 : "${OUT:?set OUT to the folder for the results}"
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
@@ -65,6 +70,20 @@ case "$part" in
     step 150 kernel_mixed python3 benchmarks/kernel_bench.py --mixed --out "$OUT"
     step 420 slora_s2_gmv python3 benchmarks/slora_bench.py --setting S2 --n 5,1000 --rate 30 --duration 15 --ab-gmv \
       --suffix _gmv --out "$OUT"
+    ;;
+  fence)
+    step 120 gpu_parity python3 benchmarks/gpu_parity.py --out "$OUT"
+    step 450 slora_s2 python3 benchmarks/slora_bench.py --setting S2 --n 5,1000 --rate 30 --duration 15 --ab-fence \
+      --profile n1000 --out "$OUT"
+    ;;
+  eager)
+    step 150 gpu_parity python3 benchmarks/gpu_parity.py --out "$OUT"
+    step 300 eager_step python3 benchmarks/eager_step.py --out "$OUT"
+    ;;
+  s1fence)
+    step 150 eager_step python3 benchmarks/eager_step.py --out "$OUT"
+    step 420 slora_s1 python3 benchmarks/slora_bench.py --setting S1 --n 5,2000 --rate 30 --duration 15 --ab-fence \
+      --out "$OUT"
     ;;
   tp)
     step 560 tp_bench python3 benchmarks/tp_bench.py --out "$OUT/tp" --phases parity,tp,tp_skip --budget 540

@@ -12,8 +12,11 @@ no-LoRA ceiling: the same trace with every adapter dropped), then each n. Writes
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
 import logging
+import pstats
 import sys
 import threading
 import time
@@ -48,6 +51,8 @@ def run_counters(before: dict, after: dict) -> dict:
            # the host's time blocked on the GPU: near the run's length = device-bound
            "overlapped_steps": after["overlapped_steps"] - before["overlapped_steps"],
            "gpu_wait_s": round(after["gpu_wait_s"] - before["gpu_wait_s"], 3),
+           # the engine thread's own time by phase (Engine.host_s)
+           "host_s": {k: round(v - before["host_s"][k], 3) for k, v in after["host_s"].items()},
            # Variants this process holds: > 0 on a GPU shows the compile counter sees Triton's caches.
            "kernel_variants": after["kernel_variants"]}
     for kind, now in after["step_time"].items():
@@ -59,6 +64,15 @@ def run_counters(before: dict, after: dict) -> dict:
         out[f"{kind}_tokens_per_step"] = round((now["tokens"] - was["tokens"]) / steps, 1) if steps else 0
         out[f"{kind}_ms_per_step"] = round(1e3 * seconds / steps, 2) if steps else 0
     return out
+
+
+def write_profile(prof: cProfile.Profile, path: Path, top: int = 45) -> None:
+    """The engine thread's profile: functions by own time, then by cumulative time."""
+    buf = io.StringIO()
+    stats = pstats.Stats(prof, stream=buf).strip_dirs()
+    stats.sort_stats("tottime").print_stats(top)
+    stats.sort_stats("cumulative").print_stats(top)
+    path.write_text(buf.getvalue())
 
 
 def gmv_vs_gmm(runs: dict) -> dict:
@@ -187,6 +201,13 @@ def main() -> int:
     ap.add_argument("--ab-overlap", action="store_true",
                     help="run everything twice, the second time with overlap_decode off (labels *_sync, ratios "
                          "against base_sync): the decode overlap's A/B in one engine")
+    ap.add_argument("--ab-fence", action="store_true",
+                    help="run the adapter runs again with adapter copies waiting for the whole compute stream "
+                         "(labels *_nofence) instead of the steps that freed their pages (StepFences)")
+    ap.add_argument("--profile", default="",
+                    help="comma-separated run labels to run once more at the end under cProfile on the engine "
+                         "thread (labels *_prof; it inflates Python-heavy calls: compare runs, not seconds); "
+                         "writes profile_<label>.txt")
     ap.add_argument("--suffix", default="", help="appended to the result file's name")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
@@ -216,6 +237,10 @@ def main() -> int:
         runs += [(f"{label}_admit1", n) for label, n in first]
     if args.ab_overlap:
         runs += [(f"{label}_sync", n) for label, n in first]
+    if args.ab_fence:  # the base model loads no adapter
+        runs += [(f"{label}_nofence", n) for label, n in first if n]
+    runs += [(f"{label}_prof", n) for label, n in first if label in args.profile.split(",")]
+    fences = engine.adapters.fences
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"slora_{args.setting}_{args.targets}{args.suffix}.json"
@@ -228,6 +253,7 @@ def main() -> int:
         engine.config.overlap_decode = not label.endswith("_sync")
         # Both LoRA paths of mixed steps were compiled at start-up (warm_up_eager) when the flag was on.
         engine.runner.lora_decode_rows_gmv = not (args.no_gmv or label.endswith("_gmm"))
+        engine.adapters.fences = None if label.endswith("_nofence") else fences
         spec = WorkloadSpec(n_adapters=max(n, 1), rate=args.rate, duration=args.duration, cv=args.cv,
                             alpha=args.alpha, input_range=(8, args.max_len), output_range=(8, args.max_len),
                             vocab=engine.spec.vocab, seed=7)
@@ -236,7 +262,13 @@ def main() -> int:
         before = engine.stats()
         split_before = engine.runner.decode_part_steps
         log.info("run %s: %d requests over %.0fs", label, len(trace), args.duration)
+        prof = cProfile.Profile() if label.endswith("_prof") else None
+        if prof is not None:
+            engine.call_in_engine(prof.enable)  # cProfile follows the thread that enables it
         timings = replay(engine, trace, drop_adapters=(n == 0), deadline=args.duration * 4)
+        if prof is not None:
+            engine.call_in_engine(prof.disable)
+            write_profile(prof, out / f"profile_{label.removesuffix('_prof')}{args.suffix}.txt")
         report = summarize(timings).as_dict()
         after = engine.stats()
         report["extra"] = run_counters(before, after)
@@ -253,7 +285,7 @@ def main() -> int:
     results["pool_pages_used_at_first_preemption"] = engine.stats()["requests"]["pool_used_at_first_preemption"]
     # Throughput over the ceiling of the same configuration: base for the default runs (and the
     # *_gmm twins), base_nomix / base_admit1 / base_sync for their A/B twins.
-    twins = ("_nomix", "_admit1", "_sync")
+    twins = ("_nomix", "_admit1", "_sync", "_prof")
     for key, base_label, keep in (("over_base", "base", lambda k: not k.endswith(twins)),
                                   ("over_base_nomix", "base_nomix", lambda k: k.endswith("_nomix")),
                                   ("over_base_admit1", "base_admit1", lambda k: k.endswith("_admit1")),

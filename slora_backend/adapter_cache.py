@@ -10,8 +10,11 @@
   copy, so they are never dropped and are kept outside the budget.
 * GPU: adapters paged into the unified pool. A load copies the host page images into
   freshly allocated pages, on a side CUDA stream so that it overlaps the model's compute; an
-  adapter is usable once its copy event has completed. Adapters with no running request are
-  evicted, least recently used first, whenever the pool needs their pages.
+  adapter is usable once its copy event has completed. The copy waits only for the steps
+  that could still read its pages (StepFences), not for the step in flight behind which the
+  engine schedules (engine overlap): the pages free the longest are taken, whose readers
+  are usually done. Adapters with no running request are evicted, least recently used
+  first, whenever the pool needs their pages.
 
 Every adapter read once keeps an `AdapterInfo` (ranks, scales, page offsets; no weights), so
 scheduling and the step tables never need the host copy. The engine thread owns the GPU tier;
@@ -51,6 +54,25 @@ class ResidentAdapter:
     src: torch.Tensor | None = None  # (L, n_pages, P) host page images, kept alive while copying
     started: torch.cuda.Event | None = None  # copy start on CUDA (for its latency)
     table: tuple[np.ndarray, np.ndarray] | None = None  # its LoraTables columns, made on first use
+
+
+class StepFences:
+    """An event on the compute stream after each launched step, by the pool's clock: what a
+    copy into pages freed at clock k waits for (the k-th step, or nothing once it is done)."""
+
+    def __init__(self):
+        self._events: deque[tuple[int, torch.cuda.Event]] = deque()  # (clock, event), oldest first
+
+    def record(self, clock: int, stream) -> None:
+        event = torch.cuda.Event()
+        event.record(stream)
+        self._events.append((clock, event))
+
+    def pending(self, clock: int) -> torch.cuda.Event | None:
+        """The event to wait on for steps up to `clock`, or None when they have all finished."""
+        while self._events and self._events[0][1].query():  # one stream: they finish in order
+            self._events.popleft()
+        return next((e for c, e in self._events if c >= clock), None)
 
 
 @dataclass
@@ -207,6 +229,15 @@ class AdapterCache:
         self.evictions = 0
         self.dropping: set[str] = set()  # unloaded by the operator: leave once idle
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        # With fences a copy waits for the steps that could read its pages; without (None:
+        # slora_bench's --ab-fence) for everything queued on the compute stream.
+        self.fences = StepFences() if self._stream is not None else None
+
+    def step_launched(self) -> None:
+        """The engine queued a step on the compute stream: advance the pool's clock."""
+        self.pool.clock += 1
+        if self.fences is not None:
+            self.fences.record(self.pool.clock, torch.cuda.current_stream(self.device))
 
     # -- host tier -----------------------------------------------------------------------
     def register(self, adapter: HostAdapter) -> None:
@@ -322,20 +353,26 @@ class AdapterCache:
         host = self.get_host(name)
         if not self.reclaim(host.n_pages):
             return False
-        pages = self.pool.alloc(host.n_pages, PageUse.ADAPTER)
+        pages = self.pool.alloc(host.n_pages, PageUse.ADAPTER, oldest=self.fences is not None)
+        # On the compute stream, which reads it (and frees it in stream order).
         page_ids = torch.tensor(pages, dtype=torch.int32).to(self.device, non_blocking=True)
         res = ResidentAdapter(host=host.info(), pages=pages, page_ids=page_ids)
         if self._stream is not None:
             with self._lock:
                 self.copying.add(name)
             res.src = host.pages
-            # The copy must not start before earlier compute has stopped reading these pages.
-            self._stream.wait_stream(torch.cuda.current_stream(self.device))
+            # The copy must not start before earlier steps have stopped reading these pages.
+            compute = torch.cuda.current_stream(self.device)
+            if self.fences is None:
+                self._stream.wait_stream(compute)
+            elif (fence := self.fences.pending(self.pool.freed_at(pages))) is not None:
+                self._stream.wait_event(fence)
             with torch.cuda.stream(self._stream):
                 res.started = torch.cuda.Event(enable_timing=True)
                 res.started.record(self._stream)
+                index = torch.tensor(pages, dtype=torch.int64).to(self.device, non_blocking=True)
                 src = host.pages.to(self.device, non_blocking=True)
-                self.pool_tensor[:, page_ids.long(), :] = src
+                self.pool_tensor[:, index, :] = src
                 res.ready = torch.cuda.Event(enable_timing=True)
                 res.ready.record(self._stream)
         else:

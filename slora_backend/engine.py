@@ -169,6 +169,8 @@ class Engine:
             forwards = self.runner.warm_up_eager(rank_buckets(config.max_rank), config.max_batch_size)
             log.info("eager-step kernels ready (%d warm-up forwards) in %.1fs", forwards, time.monotonic() - t1)
         self._variants_at_start = compiled_variants()
+        if self.device.type == "cuda":  # start-up's work on the pool is done before the first step
+            torch.cuda.synchronize(self.device)  # (adapter copies wait only for steps: StepFences)
         if self.tp is not None:  # workers count their own compiles from here (tp_worker.py)
             self.tp.send(("serving",))
         self._adapter_lock = threading.Lock()  # host registry is filled from caller threads
@@ -195,6 +197,9 @@ class Engine:
         self.overlapped_steps = 0  # steps launched before the previous one's tokens were read
         self.overlapped_prefill_steps = 0  # ... of which prefill (mixed) steps
         self.gpu_wait_s = 0.0  # host time spent waiting for a step's tokens (device-bound share)
+        # The engine thread's own time by phase (perf_counter, no profiler): where a host-bound
+        # run goes. Launches are split by step kind, since eager (prefill) steps cost the most.
+        self.host_s = {"schedule": 0.0, "launch_prefill": 0.0, "launch_decode": 0.0, "stream": 0.0}
         log.info("engine ready in %.1fs: %s layers=%d hidden=%d heads=%d/%d on %s %s, kernels=%s, "
                  "pool %d pages x %d (%.1f MiB)", time.monotonic() - t0, config.model_dir, s.layers,
                  s.hidden, s.heads, s.kv_heads, self.device, self.dtype, backend, pages, s.page_width,
@@ -271,7 +276,7 @@ class Engine:
             try:
                 validate_name(name)
                 self._unloaded.discard(name)
-                self._call_in_engine(lambda: self.adapters.dropping.discard(name))
+                self.call_in_engine(lambda: self.adapters.dropping.discard(name))
                 self.adapters.get_host(name)
             except AdapterError as e:
                 raise RequestError(str(e)) from None
@@ -290,7 +295,7 @@ class Engine:
                 except AdapterError:
                     raise RequestError(f"adapter {name!r} is not loaded") from None
             self._unloaded.add(name)
-        self._call_in_engine(lambda: self.adapters.drop(name))
+        self.call_in_engine(lambda: self.adapters.drop(name))
         return {"name": name, "unloaded": True}
 
     def upload_adapter(self, name: str, config_json: bytes, weights: bytes) -> dict:
@@ -330,7 +335,7 @@ class Engine:
     def _check_upload_name(self, name: str) -> bool:
         """Whether an upload of `name` replaces an unloaded adapter; raises if the name is taken."""
         if name in self._unloaded:
-            if self._call_in_engine(lambda: name in self.adapters.resident):
+            if self.call_in_engine(lambda: name in self.adapters.resident):
                 raise AdapterError(f"the unloaded adapter {name!r} still has running requests; "
                                    "retry when they have finished")
             return True
@@ -345,7 +350,7 @@ class Engine:
         Adapters never read are described from their adapter_config.json (rank, targets, the
         bytes their page images will take); their weights are validated on first use.
         """
-        entries = {e["name"]: e for e in self._call_in_engine(self.adapters.describe)}
+        entries = {e["name"]: e for e in self.call_in_engine(self.adapters.describe)}
         for name in self._adapter_dir_names():
             if name not in entries:
                 entries[name] = self._disk_entry(name)
@@ -353,7 +358,7 @@ class Engine:
 
     def _adapter_entry(self, name: str) -> dict:
         """The list entry of one adapter."""
-        found = [e for e in self._call_in_engine(self.adapters.describe) if e["name"] == name]
+        found = [e for e in self.call_in_engine(self.adapters.describe) if e["name"] == name]
         return self._finish_entry(found[0] if found else self._disk_entry(name))
 
     def _disk_entry(self, name: str) -> dict:
@@ -390,7 +395,7 @@ class Engine:
                     names.append(entry.name)
         return names
 
-    def _call_in_engine(self, fn, timeout: float = 60.0):
+    def call_in_engine(self, fn, timeout: float = 60.0):
         """Run fn on the engine thread (which owns the adapter cache) and return its result."""
         if threading.current_thread() is self._thread or not self._thread.is_alive():
             return fn()
@@ -427,6 +432,7 @@ class Engine:
             "overlapped_steps": self.overlapped_steps,
             "overlapped_prefill_steps": self.overlapped_prefill_steps,
             "gpu_wait_s": round(self.gpu_wait_s, 3),
+            "host_s": {k: round(v, 3) for k, v in self.host_s.items()},
             "loop_stalled_s": round(self.stalled_for(), 3),
             "step_time": {kind: dict(zip(("steps", "seconds", "tokens"), v, strict=True))
                           for kind, v in self.step_time.items()},
@@ -513,7 +519,9 @@ class Engine:
                     self._wake.wait(0.05)
                     self._wake.clear()
                     continue
+                t0 = time.perf_counter()
                 step = self.scheduler.schedule()
+                self.host_s["schedule"] += time.perf_counter() - t0
                 if step is None:  # waiting for adapter copies or pages
                     self._wake.wait(0.001)
                     self._wake.clear()
@@ -583,6 +591,7 @@ class Engine:
             sample = self.sampler.launch_greedy if overlap else self.sampler.sample
             tokens = sample(logits, step.requests)
         except Exception as e:
+            self.adapters.step_launched()  # some of its kernels may be queued
             if self.tp is not None:  # the ranks may be out of step now: a tensor-parallel engine stops
                 raise RuntimeError(self.tp.explain(e)) from e
             # Contain the failure to this batch: its requests get errors, the engine goes on.
@@ -592,12 +601,14 @@ class Engine:
                 if tracked is not None:
                     self._finish(tracked, FinishReason.ERROR, error=f"internal error: {e}")
             return None
+        self.adapters.step_launched()
         for req in step.requests:  # their next token is now on its way
             req.num_computed = req.seq_len
             req.pending += 1
         rows = {r.request_id: i for i, r in enumerate(step.requests)} if overlap else None
         self.overlapped_steps += prev is not None
         self.overlapped_prefill_steps += prev is not None and step.prefill
+        self.host_s["launch_prefill" if step.prefill else "launch_decode"] += time.perf_counter() - t0
         return _Launched(step, tokens, t0, rows)
 
     def _ids_from(self, prev: _Launched, step: ScheduledStep) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -624,7 +635,9 @@ class Engine:
             return (len(req.output_ids) + req.pending < req.params.max_tokens
                     and req.seq_len < self.max_model_len)
 
+        t0 = time.perf_counter()
         step = self.scheduler.schedule(ahead=continuing)
+        self.host_s["schedule"] += time.perf_counter() - t0
         launched = None if step is None else self._launch(step, prev)
         self._complete(prev)
         self._inflight = None
@@ -658,6 +671,7 @@ class Engine:
             if req.first_token_time is None:
                 req.first_token_time = now
             self._postprocess(tracked, token)
+        self.host_s["stream"] += time.perf_counter() - now_perf
 
     def _postprocess(self, t: _Tracked, token: int) -> None:
         req, p = t.req, t.req.params

@@ -2,12 +2,19 @@
 
 Pure Python, no tensors (the pool tensor itself lives in the model runner), so every
 invariant is testable on its own: a page is free or owned by exactly one use.
+
+The pool also remembers when each page was freed, counted in launched steps (`clock`, which
+the engine advances): a step launched before a page was freed may still read it on the GPU,
+later ones never do. An adapter copy into freed pages (on a side stream) then waits only for
+those steps, not for everything queued (adapter_cache.StepFences).
 """
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+
+import numpy as np
 
 
 class PageUse(enum.IntEnum):
@@ -38,20 +45,29 @@ class PagePool:
         self._free: list[int] = list(range(num_pages - 1, -1, -1))
         self._use = bytearray(num_pages)  # PageUse per page
         self._counts = {PageUse.KV: 0, PageUse.ADAPTER: 0}
+        self.clock = 0  # steps launched so far (the engine advances it)
+        self._freed_at = np.zeros(num_pages, dtype=np.int64)  # clock at each page's last release
 
     @property
     def free(self) -> int:
         return len(self._free)
 
-    def alloc(self, n: int, use: PageUse) -> list[int]:
+    def alloc(self, n: int, use: PageUse, oldest: bool = False) -> list[int]:
+        """n free pages: the most recently freed first (a stack), or with `oldest` those free
+        the longest, for copies that must not start before every step that could still read
+        the pages has finished (see freed_at)."""
         if use == PageUse.FREE:
             raise ValueError("allocate for KV or ADAPTER")
         if n > len(self._free):
             raise OutOfPages(f"need {n} pages, {len(self._free)} free")
         if n == 0:
             return []
-        pages = self._free[-n:]
-        del self._free[-n:]
+        if oldest:
+            pages = self._free[:n]
+            del self._free[:n]
+        else:
+            pages = self._free[-n:]
+            del self._free[-n:]
         for p in pages:
             self._use[p] = use
         self._counts[use] += n
@@ -64,6 +80,11 @@ class PagePool:
             self._use[p] = PageUse.FREE
         self._free.extend(pages)
         self._counts[use] -= len(pages)
+        self._freed_at[pages] = self.clock
+
+    def freed_at(self, pages: list[int]) -> int:
+        """The clock when the last of `pages` was freed: steps up to that one may still read them."""
+        return int(self._freed_at[pages].max()) if pages else 0
 
     def use_of(self, page: int) -> PageUse:
         return PageUse(self._use[page])

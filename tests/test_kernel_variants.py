@@ -234,7 +234,7 @@ def test_warm_up_prefills_run_and_leave_the_pool_untouched(tmp_path):
         before = engine.pool_tensor.clone()
         free = engine.pool.free
         # On CPU (no K split) one step with MBGMV decode rows per rank bucket.
-        assert engine._call_in_engine(lambda: engine.runner.warm_up_eager([8, 64], 16), timeout=300) == 4 + 5 + 2
+        assert engine.call_in_engine(lambda: engine.runner.warm_up_eager([8, 64], 16), timeout=300) == 4 + 5 + 2
         assert torch.equal(engine.pool_tensor, before)
         assert engine.pool.free == free
     finally:

@@ -13,18 +13,18 @@ from slora_backend.request import PageList
 
 @settings(max_examples=200, deadline=None)
 @given(num_pages=st.integers(1, 64),
-       ops=st.lists(st.tuples(st.booleans(), st.integers(0, 20), st.sampled_from([PageUse.KV, PageUse.ADAPTER])),
-                    max_size=60))
+       ops=st.lists(st.tuples(st.booleans(), st.integers(0, 20), st.sampled_from([PageUse.KV, PageUse.ADAPTER]),
+                           st.booleans()), max_size=60))
 def test_random_alloc_release_keeps_invariants(num_pages, ops):
     pool = PagePool(num_pages)
     held: list[tuple[list[int], PageUse]] = []
-    for do_alloc, n, use in ops:
+    for do_alloc, n, use, oldest in ops:
         if do_alloc:
             if n > pool.free:
                 with pytest.raises(OutOfPages):
-                    pool.alloc(n, use)
+                    pool.alloc(n, use, oldest=oldest)
                 continue
-            pages = pool.alloc(n, use)
+            pages = pool.alloc(n, use, oldest=oldest)
             assert len(pages) == n and all(pool.use_of(p) == use for p in pages)
             held.append((pages, use))
         elif held:
@@ -64,3 +64,23 @@ def test_page_list_grows_like_a_list(chunks):
         assert pages.array.dtype == np.int32 and pages.array.tolist() == expected
     if expected:
         assert pages[-1] == expected[-1] and pages[0::2].tolist() == expected[0::2]
+
+
+def test_pages_remember_when_they_were_freed_and_the_oldest_go_first():
+    # Adapter copies take the pages free the longest and wait for the step that freed the
+    # newest of them (adapter_cache.StepFences): the clock of each release must be kept.
+    pool = PagePool(8)
+    never_used = pool.alloc(0, PageUse.KV)
+    a = pool.alloc(3, PageUse.KV)  # the most recently freed (here: lowest ids) come first
+    b = pool.alloc(3, PageUse.KV)
+    assert a == [2, 1, 0] and b == [5, 4, 3] and never_used == []
+    pool.clock = 4
+    pool.release(a, PageUse.KV)
+    pool.clock = 9
+    pool.release(b, PageUse.KV)
+    assert pool.freed_at(a) == 4 and pool.freed_at(b) == 9 and pool.freed_at(a + b[:1]) == 9
+    assert pool.freed_at([6, 7]) == 0 and pool.freed_at([]) == 0  # never used: nothing to wait for
+    oldest = pool.alloc(4, PageUse.ADAPTER, oldest=True)
+    assert oldest == [7, 6, 2, 1] and pool.freed_at(oldest) == 4
+    assert pool.alloc(2, PageUse.KV) == [4, 3]  # newest first, as before
+    pool.check()
