@@ -23,6 +23,10 @@
 #   OUT=... bash benchmarks/gpu_plan.sh eager     # h200: parity, an eager mixed step's host and GPU time, host
 #                                                 #   time by op (~4 min)
 #   OUT=... bash benchmarks/gpu_plan.sh s1fence   # h200: the eager step, S1 n=5/2000 with the fence A/B (~7 min)
+#   OUT=... bash benchmarks/gpu_plan.sh gather    # h200: S2 n=5/1000 with the A/B of gathering admissions for 4
+#                                                 #   steps (admit_gather_steps; ~7 min)
+#   OUT=... bash benchmarks/gpu_plan.sh gather8   # h200: S1 n=5/2000 then S2 n=5/1000 on the default (4 steps)
+#                                                 #   with the A/B of 8 steps (~9 min)
 #
 # A fresh machine matters for the compile checks: Triton's disk cache hides compiles on a
 # machine that has already run the same kernels (BENCHMARKS.md item 13).
@@ -32,9 +36,9 @@
 # In every serving JSON check extra.kernel_compiles == 0 first (kernels/launch.py), then
 # extra.prefill_ms_per_step / decode_ms_per_step: where the time went.
 set -uo pipefail
-usage() { sed -n '2,31p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,35p' "$0" | sed 's/^# \{0,1\}//'; }
 part="${1:-}"
-case "$part" in serving|s1|kernels|gmv|tp|tp1|tp4|tpsplit|fence|eager|s1fence) ;; *) usage; exit 2 ;; esac
+case "$part" in serving|s1|kernels|gmv|tp|tp1|tp4|tpsplit|fence|eager|s1fence|gather|gather8) ;; *) usage; exit 2 ;; esac
 : "${OUT:?set OUT to the folder for the results}"
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
@@ -83,6 +87,16 @@ case "$part" in
   s1fence)
     step 150 eager_step python3 benchmarks/eager_step.py --out "$OUT"
     step 420 slora_s1 python3 benchmarks/slora_bench.py --setting S1 --n 5,2000 --rate 30 --duration 15 --ab-fence \
+      --out "$OUT"
+    ;;
+  gather)
+    step 560 slora_s2 python3 benchmarks/slora_bench.py --setting S2 --n 5,1000 --rate 30 --duration 15 --gather 0 \
+      --ab-gather 4 --out "$OUT"
+    ;;
+  gather8)
+    step 290 slora_s1 python3 benchmarks/slora_bench.py --setting S1 --n 5,2000 --rate 30 --duration 15 --ab-gather 8 \
+      --out "$OUT"
+    step 290 slora_s2 python3 benchmarks/slora_bench.py --setting S2 --n 5,1000 --rate 30 --duration 15 --ab-gather 8 \
       --out "$OUT"
     ;;
   tp)

@@ -204,6 +204,12 @@ def main() -> int:
     ap.add_argument("--ab-fence", action="store_true",
                     help="run the adapter runs again with adapter copies waiting for the whole compute stream "
                          "(labels *_nofence) instead of the steps that freed their pages (StepFences)")
+    ap.add_argument("--gather", type=int, default=EngineConfig.admit_gather_steps,
+                    help="below a full batch, newcomers wait up to this many steps to be admitted together "
+                         "(admit_gather_steps)")
+    ap.add_argument("--ab-gather", type=int, default=0, metavar="STEPS",
+                    help="run everything again with admit_gather_steps=STEPS (labels *_gather, ratios against "
+                         "base_gather)")
     ap.add_argument("--profile", default="",
                     help="comma-separated run labels to run once more at the end under cProfile on the engine "
                          "thread (labels *_prof; it inflates Python-heavy calls: compare runs, not seconds); "
@@ -239,6 +245,8 @@ def main() -> int:
         runs += [(f"{label}_sync", n) for label, n in first]
     if args.ab_fence:  # the base model loads no adapter
         runs += [(f"{label}_nofence", n) for label, n in first if n]
+    if args.ab_gather:
+        runs += [(f"{label}_gather", n) for label, n in first]
     runs += [(f"{label}_prof", n) for label, n in first if label in args.profile.split(",")]
     fences = engine.adapters.fences
     out = Path(args.out)
@@ -254,6 +262,7 @@ def main() -> int:
         # Both LoRA paths of mixed steps were compiled at start-up (warm_up_eager) when the flag was on.
         engine.runner.lora_decode_rows_gmv = not (args.no_gmv or label.endswith("_gmm"))
         engine.adapters.fences = None if label.endswith("_nofence") else fences
+        engine.scheduler.admit_gather_steps = args.ab_gather if label.endswith("_gather") else args.gather
         spec = WorkloadSpec(n_adapters=max(n, 1), rate=args.rate, duration=args.duration, cv=args.cv,
                             alpha=args.alpha, input_range=(8, args.max_len), output_range=(8, args.max_len),
                             vocab=engine.spec.vocab, seed=7)
@@ -276,6 +285,7 @@ def main() -> int:
         report["extra"]["lora_decode_gmv_min_segments"] = engine.runner.gmv_min_segments
         report["extra"]["decode_part_steps"] = engine.runner.decode_part_steps - split_before
         report["extra"]["admit_min_batch"] = engine.scheduler.admit_min_batch
+        report["extra"]["admit_gather_steps"] = engine.scheduler.admit_gather_steps
         report["extra"]["overlap_decode"] = engine.config.overlap_decode
         results["runs"][label] = report
         log.info("%s: %.2f req/s, %.0f tok/s, avg latency %.2fs, first token avg %.2fs, SLO %.2f", label,
@@ -285,11 +295,12 @@ def main() -> int:
     results["pool_pages_used_at_first_preemption"] = engine.stats()["requests"]["pool_used_at_first_preemption"]
     # Throughput over the ceiling of the same configuration: base for the default runs (and the
     # *_gmm twins), base_nomix / base_admit1 / base_sync for their A/B twins.
-    twins = ("_nomix", "_admit1", "_sync", "_prof")
+    twins = ("_nomix", "_admit1", "_sync", "_prof", "_gather")
     for key, base_label, keep in (("over_base", "base", lambda k: not k.endswith(twins)),
                                   ("over_base_nomix", "base_nomix", lambda k: k.endswith("_nomix")),
                                   ("over_base_admit1", "base_admit1", lambda k: k.endswith("_admit1")),
-                                  ("over_base_sync", "base_sync", lambda k: k.endswith("_sync"))):
+                                  ("over_base_sync", "base_sync", lambda k: k.endswith("_sync")),
+                                  ("over_base_gather", "base_gather", lambda k: k.endswith("_gather"))):
         if base_label in results["runs"]:
             base = results["runs"][base_label]["throughput_req_s"]
             results[key] = {k: v["throughput_req_s"] / base for k, v in results["runs"].items() if keep(k)}
@@ -298,7 +309,7 @@ def main() -> int:
     engine.shutdown()
     path.write_text(json.dumps(results, indent=2))
     print(json.dumps({k: results.get(k) for k in ("device", "over_base", "over_base_nomix", "over_base_admit1",
-                                                   "over_base_sync", "gmv_vs_gmm")},
+                                                   "over_base_sync", "over_base_gather", "gmv_vs_gmm")},
                      indent=1))
     for label, r in results["runs"].items():
         print(f"{label:>7}: {r['throughput_req_s']:.2f} req/s {r['throughput_tok_s']:.0f} tok/s "

@@ -28,6 +28,10 @@ class EngineConfig:
     admit_min_batch: int = 8
     # ... but never defer admission more than this many steps in a row (bounds the added wait).
     admit_max_wait_steps: int = 16
+    # Below a full batch, while requests run, newcomers wait up to this many (graph-replayed
+    # decode) steps to be admitted together: an eager mixed step costs about as much host time
+    # for one prompt as for several (BENCHMARKS.md item 21). 0 = admit at the next step.
+    admit_gather_steps: int = 4
     # In those mixed steps, the decode rows' LoRA runs on the MBGMV kernels (per-row, as in
     # decode graphs) and the prompt rows' on MBGMM, instead of every row on MBGMM (one-row
     # segments: too few, too long programs). Compiled at start-up either way. false = the

@@ -144,7 +144,8 @@ class Engine:
         self.scheduler = Scheduler(self.pool, self.adapters, config.max_batch_size,
                                    config.max_prefill_tokens, mix_decode=config.mix_decode_in_prefill,
                                    admit_min_batch=config.admit_min_batch,
-                                   admit_max_wait_steps=config.admit_max_wait_steps)
+                                   admit_max_wait_steps=config.admit_max_wait_steps,
+                                   admit_gather_steps=config.admit_gather_steps)
         self.scheduler.on_adapter_error = self._adapter_failed
         self.runner = ModelRunner(run_spec, weights, self.pool_tensor, get_ops(backend), self.max_model_len,
                                   tp=None if self.tp is None else self.tp.group,

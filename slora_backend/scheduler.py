@@ -12,6 +12,13 @@ eager mixed step (60-93 ms on H200 at a batch of 256) instead of a decode step r
 CUDA graph (~20 ms). So while fewer slots are free than min(waiting, `admit_min_batch`), the
 running requests decode alone, for at most `admit_max_wait_steps` steps in a row.
 
+For the same reason arrivals are gathered below a full batch too (`admit_gather_steps`): an
+eager mixed step costs the engine thread 30-45 ms of launches on an H200 host whether it
+prefills one prompt or five (BENCHMARKS.md item 20), and at serving rates about one request
+arrives every other step. So while requests run, newcomers wait up to that many steps (decode
+steps, replayed from graphs, during which their adapters are loaded) and are admitted
+together; sooner when their prompts would fill a prefill step.
+
 Admission needs the request's adapter resident (its load is started here and the request
 waits, without blocking others, until the copy is done) and 2 pages per token for its KV.
 When decode runs out of pages, idle adapters are evicted first, then the most recently
@@ -54,11 +61,12 @@ def adapter_order(req: Request) -> tuple[int, str]:
 class Scheduler:
     def __init__(self, pool: PagePool, adapters: AdapterCache, max_batch_size: int,
                  max_prefill_tokens: int, mix_decode: bool = True, admit_min_batch: int = 1,
-                 admit_max_wait_steps: int = 0):
+                 admit_max_wait_steps: int = 0, admit_gather_steps: int = 0):
         self.pool = pool
         self.mix_decode = mix_decode
         self.admit_min_batch = admit_min_batch  # 1 = admit as soon as one slot frees
         self.admit_max_wait_steps = admit_max_wait_steps
+        self.admit_gather_steps = admit_gather_steps  # 0 = admit arrivals at the next step
         self.deferred_steps = 0  # steps that decoded only, though a slot was free and requests waited
         self._deferred_in_a_row = 0  # since the last step that admitted
         self.adapters = adapters
@@ -123,12 +131,23 @@ class Scheduler:
 
     # -- admission -----------------------------------------------------------------------
     def _defer_admission(self) -> bool:
-        """Whether free batch slots (not pages or the token budget) keep this step's admission
-        below min(waiting, admit_min_batch), and the waiting requests have not waited too long."""
-        if not (self.waiting and self.running) or self._deferred_in_a_row >= self.admit_max_wait_steps:
+        """Whether this step decodes only, so that admissions gather: free batch slots (not
+        pages or the token budget) keep its admission below min(waiting, admit_min_batch), for
+        at most admit_max_wait_steps steps; or, below that, for at most admit_gather_steps
+        steps while the waiting prompts would not fill a prefill step."""
+        if not (self.waiting and self.running):
             return False
         free_slots = self.max_batch_size - len(self.running)
-        return 0 < free_slots < min(len(self.waiting), self.admit_min_batch)
+        if 0 < free_slots < min(len(self.waiting), self.admit_min_batch):
+            return self._deferred_in_a_row < self.admit_max_wait_steps
+        if free_slots <= 0 or self._deferred_in_a_row >= self.admit_gather_steps:
+            return False
+        tokens = 0
+        for req in islice(self.waiting, free_slots):
+            tokens += req.seq_len
+            if tokens >= self.max_prefill_tokens:
+                return False
+        return True
 
     def _prefetch_adapters(self) -> None:
         """While admission waits, start the adapter loads of the requests next in line, so that

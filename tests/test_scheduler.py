@@ -15,13 +15,14 @@ from slora_backend.scheduler import Scheduler
 
 
 def make_scheduler(max_batch_size: int, admit_min_batch: int, admit_max_wait_steps: int = 16,
-                   mix_decode: bool = True, pages: int = 4000) -> Scheduler:
+                   mix_decode: bool = True, pages: int = 4000, admit_gather_steps: int = 0) -> Scheduler:
     spec = dummy_spec("dummy:tiny", 256)
     pool_tensor = torch.zeros(spec.layers, pages, spec.page_width)
     pool = PagePool(pages)
     adapters = AdapterCache(spec, torch.float32, pool, pool_tensor, None, 64)
     return Scheduler(pool, adapters, max_batch_size, max_prefill_tokens=4096, mix_decode=mix_decode,
-                     admit_min_batch=admit_min_batch, admit_max_wait_steps=admit_max_wait_steps)
+                     admit_min_batch=admit_min_batch, admit_max_wait_steps=admit_max_wait_steps,
+                     admit_gather_steps=admit_gather_steps)
 
 
 def add_requests(sched: Scheduler, n: int, prompt_len: int = 4) -> list[Request]:
@@ -151,3 +152,44 @@ def test_the_wait_bound_starts_over_when_the_queue_empties():
     run(sched)  # a decode step with nobody waiting
     add_requests(sched, 5)
     assert [run(sched).prefill for _ in range(4)] == [False, False, False, True]
+
+
+@pytest.mark.parametrize("mix", [True, False], ids=["mixed", "separate"])
+def test_arrivals_gather_for_admit_gather_steps_then_are_admitted_together(mix):
+    """Below a full batch (admit_gather_steps): newcomers wait while the running requests
+    decode, then one prefill step admits all of them; the count starts over after it."""
+    sched = make_scheduler(8, admit_min_batch=1, admit_gather_steps=3, mix_decode=mix)
+    add_requests(sched, 2)
+    assert len(run(sched).prefills) == 2  # nothing running: at once
+    add_requests(sched, 1)
+    assert not run(sched).prefill
+    add_requests(sched, 2)
+    assert not run(sched).prefill and not run(sched).prefill  # three decode-only steps in all
+    step = run(sched)
+    assert len(step.prefills) == 3 and step.decodes == (2 if mix else 0)
+    assert sched.deferred_steps == 3 and not sched.waiting
+    add_requests(sched, 1)
+    assert not run(sched).prefill and sched.deferred_steps == 4
+
+
+def test_gathering_stops_once_the_prompts_fill_a_prefill_step():
+    sched = make_scheduler(8, admit_min_batch=1, admit_gather_steps=5, pages=20000)
+    add_requests(sched, 1)
+    run(sched)
+    add_requests(sched, 1, prompt_len=1000)
+    assert not run(sched).prefill
+    add_requests(sched, 3, prompt_len=1100)  # 4300 waiting tokens >= max_prefill_tokens (4096)
+    step = run(sched)
+    assert step.prefill and len(step.prefills) == 3  # what fits the step's token budget
+    assert sched.deferred_steps == 1
+
+
+def test_no_gathering_by_default_or_with_an_empty_batch():
+    sched = make_scheduler(8, admit_min_batch=1)
+    add_requests(sched, 1)
+    run(sched)
+    add_requests(sched, 1)
+    assert len(run(sched).prefills) == 1 and sched.deferred_steps == 0
+    gathering = make_scheduler(8, admit_min_batch=1, admit_gather_steps=4)
+    add_requests(gathering, 3)
+    assert len(run(gathering).prefills) == 3  # nobody runs: nothing to wait beside
