@@ -228,10 +228,10 @@ def test_admission_batching_keeps_tokens_exact(setup):
     lengths = [NEW_TOKENS - i % 4 for i in range(len(names))]
     jobs = [dict(prompt_ids=prompts[i], adapter=name, params=greedy(lengths[i])) for i, name in enumerate(names)]
     deferred = {}
-    for admit_min in (1, 3):
+    for admit_min in (1, 3):  # (arrivals below a full batch are not gathered here: admit_gather_steps=0)
         engine = Engine(EngineConfig(model_dir=str(model), adapter_dir=str(adapters), kernel_backend="torch",
                                      pool_pages=3000, max_batch_size=3, admit_min_batch=admit_min,
-                                     admit_max_wait_steps=4))
+                                     admit_max_wait_steps=4, admit_gather_steps=0))
         try:
             for i, outs in enumerate(run_batch(engine, jobs)):
                 assert outs[-1].error is None, outs[-1].error
