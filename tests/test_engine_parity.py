@@ -69,9 +69,11 @@ def test_requests_arriving_while_others_decode_match_hf_peft(setup, mix, gmv, mi
     lora_decode_gmv_min_segments (8: more than the 7 requests, whatever steps their
     admissions fall in), in MBGMM segments with the prompts; tokens stay HF+PEFT's."""
     model, adapters, prompts, names, refs = setup
+    # admit_gather_steps=0: the late requests are admitted while the first ones still decode,
+    # whatever the timing (gathering could hold them until those had finished).
     engine = Engine(EngineConfig(model_dir=str(model), adapter_dir=str(adapters), kernel_backend="triton",
                                  pool_pages=3000, mix_decode_in_prefill=mix, lora_decode_rows_gmv=gmv,
-                                 lora_decode_gmv_min_segments=min_segments))
+                                 lora_decode_gmv_min_segments=min_segments, admit_gather_steps=0))
     split_steps = []
     prepare = engine.runner.prepare
 
@@ -222,21 +224,22 @@ def test_llama3_rope_scaling_matches_hf(tmp_path):
 
 def test_admission_batching_keeps_tokens_exact(setup):
     """More requests than batch slots, finishing one at a time (different lengths): with
-    admit_min_batch > 1 admissions wait while the others decode (Scheduler.deferred_steps), and
-    every request still gets HF+PEFT's greedy tokens, as with admit_min_batch = 1."""
+    admit_min_batch > 1, or with arrivals gathered (admit_gather_steps), admissions wait while
+    the others decode (Scheduler.deferred_steps), and every request still gets HF+PEFT's greedy
+    tokens, as when nothing waits."""
     model, adapters, prompts, names, refs = setup
     lengths = [NEW_TOKENS - i % 4 for i in range(len(names))]
     jobs = [dict(prompt_ids=prompts[i], adapter=name, params=greedy(lengths[i])) for i, name in enumerate(names)]
     deferred = {}
-    for admit_min in (1, 3):  # (arrivals below a full batch are not gathered here: admit_gather_steps=0)
+    for admit_min, gather in ((1, 0), (3, 0), (1, 4)):
         engine = Engine(EngineConfig(model_dir=str(model), adapter_dir=str(adapters), kernel_backend="torch",
                                      pool_pages=3000, max_batch_size=3, admit_min_batch=admit_min,
-                                     admit_max_wait_steps=4, admit_gather_steps=0))
+                                     admit_max_wait_steps=4, admit_gather_steps=gather))
         try:
             for i, outs in enumerate(run_batch(engine, jobs)):
                 assert outs[-1].error is None, outs[-1].error
                 assert tokens_of(outs) == refs[i][: lengths[i]], f"request {i} adapter {names[i]}"
-            deferred[admit_min] = engine.stats()["requests"]["admission_deferred_steps"]
+            deferred[admit_min, gather] = engine.stats()["requests"]["admission_deferred_steps"]
         finally:
             engine.shutdown()
-    assert deferred[1] == 0 and deferred[3] > 0
+    assert deferred[1, 0] == 0 and deferred[3, 0] > 0 and deferred[1, 4] > 0

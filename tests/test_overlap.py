@@ -29,8 +29,9 @@ def model(tmp_path_factory):
 
 def make_engine(model, overlap: bool, static: bool) -> Engine:
     path, adapters = model
+    # admit_gather_steps=0: late arrivals meet decoding requests (mixed steps), whatever the timing.
     engine = Engine(EngineConfig(model_dir=str(path), adapter_dir=str(adapters), kernel_backend="torch",
-                                 pool_pages=3000, max_batch_size=8, overlap_decode=overlap))
+                                 pool_pages=3000, max_batch_size=8, overlap_decode=overlap, admit_gather_steps=0))
     if static:  # the CUDA-graph path's static buffers, run eagerly on CPU (as in test_engine_parity)
         scratch = engine.pool.alloc(2, PageUse.KV)
         engine.graphs = DecodeGraphs(engine.runner, 8, 64, tuple(scratch), engine.pool.num_pages)

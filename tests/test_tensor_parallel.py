@@ -350,7 +350,8 @@ def test_two_processes_mix_decode_rows_into_prefill_steps(setup, decode_part):
     decode_part the decode rows' LoRA is a part of its own (LoraBatch.decode) sharing the
     prompt rows' intermediate and collective (tensor_parallel.TPLoraStep)."""
     model, adapters, jobs, want = setup
-    engine = _tp_engine(model, adapters, lora_decode_gmv_min_segments=1, tp_lora_decode_rows_gmv=decode_part)
+    engine = _tp_engine(model, adapters, lora_decode_gmv_min_segments=1, tp_lora_decode_rows_gmv=decode_part,
+                        admit_gather_steps=0)  # the late requests meet decoding ones, whatever the timing
     try:
         results = run_staggered(engine, jobs[:3], jobs[3:], timeout=120)
         for i, outs in enumerate(results):
