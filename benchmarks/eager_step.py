@@ -57,13 +57,17 @@ def enqueue(engine: Engine, step: ScheduledStep) -> tuple[dict, object]:
     return {"prepare": t1 - t0, "forward": t2 - t1, "sample": t3 - t2, "total": t3 - t0}, tokens
 
 
+def gpu_sleep(seconds: float = 0.1) -> None:
+    """Keep the GPU busy for about `seconds`, so that what is enqueued next waits behind it."""
+    torch.cuda._sleep(int(seconds * torch.cuda.get_device_properties(0).clock_rate * 1e3))  # clock_rate: kHz
+
+
 def time_case(engine: Engine, step: ScheduledStep, iters: int) -> dict:
     """Host parts with the GPU idle; then the step enqueued behind a 100 ms GPU sleep, so that
     its host time is free of any wait on the GPU (unless the launch queue fills up) and the
     events around it time the GPU alone (everything is queued before the GPU reaches it)."""
     host: dict[str, list[float]] = {"prepare": [], "forward": [], "sample": [], "total": []}
     queued, behind, gpu = [], [], []
-    cycles = int(0.1 * torch.cuda.get_device_properties(0).clock_rate * 1e3)  # clock_rate in kHz
     for i in range(iters + 2):
         torch.cuda.synchronize()
         parts, tokens = enqueue(engine, step)
@@ -72,7 +76,7 @@ def time_case(engine: Engine, step: ScheduledStep, iters: int) -> dict:
         tokens2.wait()
         torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda._sleep(cycles)
+        gpu_sleep()
         start.record()
         third, tokens3 = enqueue(engine, step)
         end.record()
@@ -120,11 +124,10 @@ class OpTimer:
         mr.F = types.SimpleNamespace(**{k: getattr(functional, k) for k in dir(functional) if not k.startswith("_")})
         mr.F.linear = self.wrap("linear", functional.linear)
         runner._prefill_attention = self.wrap("prefill_attention", attention)
-        cycles = int(0.1 * torch.cuda.get_device_properties(0).clock_rate * 1e3)
         try:
             for _ in range(iters):
                 torch.cuda.synchronize()
-                torch.cuda._sleep(cycles)
+                gpu_sleep()
                 t0 = time.perf_counter()
                 inputs = runner.prepare(step, self.engine.adapters)
                 self.seconds["prepare"] = self.seconds.get("prepare", 0.0) + time.perf_counter() - t0

@@ -20,6 +20,7 @@ import pstats
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -63,6 +64,26 @@ def run_counters(before: dict, after: dict) -> dict:
         out[f"{kind}_seconds"] = round(seconds, 3)
         out[f"{kind}_tokens_per_step"] = round((now["tokens"] - was["tokens"]) / steps, 1) if steps else 0
         out[f"{kind}_ms_per_step"] = round(1e3 * seconds / steps, 2) if steps else 0
+    return out
+
+
+# The A/B twins of the default runs: (label suffix, the flag that asks for them, whether the
+# base model runs too and the twins get their own ceiling). Each run's settings follow its
+# label (main); the flags are in main's argument parser.
+TWINS = (("_nomix", "ab_mix", True), ("_gmm", "ab_gmv", False), ("_admit1", "ab_admit", True),
+         ("_sync", "ab_overlap", True), ("_nofence", "ab_fence", False), ("_gather", "ab_gather", True),
+         ("_prof", "profile", True))
+
+
+def twin_runs(args) -> list[tuple[str, Callable[[str], bool], bool]]:
+    """(suffix, which default run labels get a twin, own ceiling) of the twins args ask for."""
+    out = []
+    for suffix, flag, own_ceiling in TWINS:
+        if suffix == "_prof":  # --profile names the runs to repeat under cProfile
+            wanted = set(filter(None, args.profile.split(",")))
+            out.append((suffix, wanted.__contains__, own_ceiling))
+        elif getattr(args, flag):
+            out.append((suffix, lambda label: True, own_ceiling))
     return out
 
 
@@ -235,19 +256,10 @@ def main() -> int:
                "gpu_memory_used_fraction": 1 - free / total, "pool": engine.stats()["pool"]}
     first = ([] if args.no_base else [("base", 0)]) + [(f"n{n}", n) for n in ns]
     runs = list(first)
-    if args.ab_mix:
-        runs += [(f"{label}_nomix", n) for label, n in first]
-    if args.ab_gmv:  # the base model has no LoRA: nothing to compare there
-        runs += [(f"{label}_gmm", n) for label, n in first if n]
-    if args.ab_admit:
-        runs += [(f"{label}_admit1", n) for label, n in first]
-    if args.ab_overlap:
-        runs += [(f"{label}_sync", n) for label, n in first]
-    if args.ab_fence:  # the base model loads no adapter
-        runs += [(f"{label}_nofence", n) for label, n in first if n]
-    if args.ab_gather:
-        runs += [(f"{label}_gather", n) for label, n in first]
-    runs += [(f"{label}_prof", n) for label, n in first if label in args.profile.split(",")]
+    for suffix, wanted, own_ceiling in twin_runs(args):
+        # Twins with their own ceiling repeat the base run too; the others (gmm, nofence:
+        # nothing changes without adapters) only the adapter runs.
+        runs += [(f"{label}{suffix}", n) for label, n in first if wanted(label) and (n or own_ceiling)]
     fences = engine.adapters.fences
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -294,13 +306,12 @@ def main() -> int:
         path.write_text(json.dumps(results, indent=2))  # what is done survives a run cut short
     results["pool_pages_used_at_first_preemption"] = engine.stats()["requests"]["pool_used_at_first_preemption"]
     # Throughput over the ceiling of the same configuration: base for the default runs (and the
-    # *_gmm twins), base_nomix / base_admit1 / base_sync for their A/B twins.
-    twins = ("_nomix", "_admit1", "_sync", "_prof", "_gather")
-    for key, base_label, keep in (("over_base", "base", lambda k: not k.endswith(twins)),
-                                  ("over_base_nomix", "base_nomix", lambda k: k.endswith("_nomix")),
-                                  ("over_base_admit1", "base_admit1", lambda k: k.endswith("_admit1")),
-                                  ("over_base_sync", "base_sync", lambda k: k.endswith("_sync")),
-                                  ("over_base_gather", "base_gather", lambda k: k.endswith("_gather"))):
+    # twins without a ceiling of their own), base<suffix> for the others.
+    own = tuple(suffix for suffix, _, own_ceiling in TWINS if own_ceiling)
+    ratios = [("over_base", "base", lambda k: not k.endswith(own))]
+    ratios += [(f"over_base{suffix}", f"base{suffix}", lambda k, s=suffix: k.endswith(s)) for suffix in own
+               if suffix != "_prof"]
+    for key, base_label, keep in ratios:
         if base_label in results["runs"]:
             base = results["runs"][base_label]["throughput_req_s"]
             results[key] = {k: v["throughput_req_s"] / base for k, v in results["runs"].items() if keep(k)}
@@ -308,8 +319,8 @@ def main() -> int:
         results["gmv_vs_gmm"] = gmv_vs_gmm(results["runs"])
     engine.shutdown()
     path.write_text(json.dumps(results, indent=2))
-    print(json.dumps({k: results.get(k) for k in ("device", "over_base", "over_base_nomix", "over_base_admit1",
-                                                   "over_base_sync", "over_base_gather", "gmv_vs_gmm")},
+    print(json.dumps({k: v for k, v in results.items() if k == "device" or k.startswith("over_base")
+                      or k == "gmv_vs_gmm"},
                      indent=1))
     for label, r in results["runs"].items():
         print(f"{label:>7}: {r['throughput_req_s']:.2f} req/s {r['throughput_tok_s']:.0f} tok/s "

@@ -520,9 +520,7 @@ class Engine:
                     self._wake.wait(0.05)
                     self._wake.clear()
                     continue
-                t0 = time.perf_counter()
-                step = self.scheduler.schedule()
-                self.host_s["schedule"] += time.perf_counter() - t0
+                step = self._schedule()
                 if step is None:  # waiting for adapter copies or pages
                     self._wake.wait(0.001)
                     self._wake.clear()
@@ -568,6 +566,12 @@ class Engine:
                 tracked = self._tracked.get(item)
                 if tracked is not None:
                     self._finish(tracked, FinishReason.CANCELLED)
+
+    def _schedule(self, ahead=None) -> ScheduledStep | None:
+        t0 = time.perf_counter()
+        step = self.scheduler.schedule(ahead=ahead)
+        self.host_s["schedule"] += time.perf_counter() - t0
+        return step
 
     def _overlappable(self, step: ScheduledStep) -> bool:
         """Steps whose successor may be launched before their tokens are read: greedy ones
@@ -636,9 +640,7 @@ class Engine:
             return (len(req.output_ids) + req.pending < req.params.max_tokens
                     and req.seq_len < self.max_model_len)
 
-        t0 = time.perf_counter()
-        step = self.scheduler.schedule(ahead=continuing)
-        self.host_s["schedule"] += time.perf_counter() - t0
+        step = self._schedule(ahead=continuing)
         launched = None if step is None else self._launch(step, prev)
         self._complete(prev)
         self._inflight = None
