@@ -27,6 +27,14 @@
 #                                                 #   steps (admit_gather_steps; ~7 min)
 #   OUT=... bash benchmarks/gpu_plan.sh gather8   # h200: S1 n=5/2000 then S2 n=5/1000 on the default (4 steps)
 #                                                 #   with the A/B of 8 steps (~9 min)
+#   OUT=... bash benchmarks/gpu_plan.sh onepage   # h200: quick kernel sweep with page ids hoisted or not, the
+#                                                 #   kernel table both ways, the decode step both ways (~8 min)
+#   OUT=... bash benchmarks/gpu_plan.sh kregs     # h200: decode kernels' registers and spills, the quick sweep,
+#                                                 #   the kernel table (~3 min)
+#   OUT=... bash benchmarks/gpu_plan.sh pdl       # h200: bf16 parity, kernel table and decode step with the expand
+#                                                 #   as a programmatic dependent launch and without (~6 min)
+#   OUT=... bash benchmarks/gpu_plan.sh final     # h200: the kernel table, the decode step against its floor, S2
+#                                                 #   n=1000 and the ceiling at a saturating 60 req/s (~8 min)
 #
 # A fresh machine matters for the compile checks: Triton's disk cache hides compiles on a
 # machine that has already run the same kernels (BENCHMARKS.md item 13).
@@ -38,7 +46,7 @@
 set -uo pipefail
 usage() { sed -n '2,35p' "$0" | sed 's/^# \{0,1\}//'; }
 part="${1:-}"
-case "$part" in serving|s1|kernels|gmv|tp|tp1|tp4|tpsplit|fence|eager|s1fence|gather|gather8) ;; *) usage; exit 2 ;; esac
+case "$part" in serving|s1|kernels|gmv|tp|tp1|tp4|tpsplit|fence|eager|s1fence|gather|gather8|onepage|kregs|pdl|final) ;; *) usage; exit 2 ;; esac
 : "${OUT:?set OUT to the folder for the results}"
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
@@ -98,6 +106,37 @@ case "$part" in
       --out "$OUT"
     step 290 slora_s2 python3 benchmarks/slora_bench.py --setting S2 --n 5,1000 --rate 30 --duration 15 --ab-gather 8 \
       --out "$OUT"
+    ;;
+  onepage)
+    echo '{"gmv": {"one_page": false}, "gmm": {"one_page": false}}' > "$OUT/per_block.json"
+    step 240 kernel_sweep python3 benchmarks/kernel_bench.py --sweep --quick --out "$OUT"
+    step 90 kernel_bench python3 benchmarks/kernel_bench.py --only lora --out "$OUT"
+    SLORA_LORA_TUNING="$OUT/per_block.json" step 90 kernel_bench_per_block \
+      python3 benchmarks/kernel_bench.py --only lora --out "$OUT/per_block"
+    step 100 decode_step python3 benchmarks/decode_step.py --batch 64,256 --ctx 512 --prefill-len 0 --out "$OUT"
+    SLORA_LORA_TUNING="$OUT/per_block.json" step 100 decode_step_per_block \
+      python3 benchmarks/decode_step.py --batch 64,256 --ctx 512 --prefill-len 0 --out "$OUT/per_block"
+    ;;
+  kregs)
+    step 60 kernel_regs python3 benchmarks/kernel_bench.py --regs --out "$OUT"
+    step 240 kernel_sweep python3 benchmarks/kernel_bench.py --sweep --quick --out "$OUT"
+    step 90 kernel_bench python3 benchmarks/kernel_bench.py --only lora --out "$OUT"
+    ;;
+  pdl)
+    echo '{"gmv": {"pdl": false}, "gmm": {"pdl": false}}' > "$OUT/no_pdl.json"
+    step 150 gpu_parity python3 benchmarks/gpu_parity.py --out "$OUT"
+    step 90 kernel_bench python3 benchmarks/kernel_bench.py --only lora --out "$OUT"
+    SLORA_LORA_TUNING="$OUT/no_pdl.json" step 90 kernel_bench_no_pdl \
+      python3 benchmarks/kernel_bench.py --only lora --out "$OUT/no_pdl"
+    step 100 decode_step python3 benchmarks/decode_step.py --batch 64,128,256 --ctx 512 --prefill-len 0 --out "$OUT"
+    SLORA_LORA_TUNING="$OUT/no_pdl.json" step 100 decode_step_no_pdl \
+      python3 benchmarks/decode_step.py --batch 64,128,256 --ctx 512 --prefill-len 0 --out "$OUT/no_pdl"
+    ;;
+  final)
+    step 120 kernel_bench python3 benchmarks/kernel_bench.py --out "$OUT"
+    step 150 decode_step python3 benchmarks/decode_step.py --batch 1,64,128,256 --ctx 512 --out "$OUT"
+    step 300 slora_s2_r60 python3 benchmarks/slora_bench.py --setting S2 --n 1000 --rate 60 --duration 10 \
+      --suffix _r60 --out "$OUT"
     ;;
   tp)
     step 560 tp_bench python3 benchmarks/tp_bench.py --out "$OUT/tp" --phases parity,tp,tp_skip --budget 540

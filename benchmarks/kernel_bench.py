@@ -184,7 +184,7 @@ class LoraCase:
 
     def parts(self, cfg):
         """(shrink, expand, both) closures for an explicit launch configuration."""
-        from kernels.lora import _group_table
+        from kernels.lora import _group_table, run_lora
         from kernels.lora_expand import lora_expand
         from kernels.lora_shrink import lora_shrink
 
@@ -198,9 +198,8 @@ class LoraCase:
         def expand():
             lora_expand(self.y, tmp, self.pool, self.batch, group, HIDDEN, cfg)
 
-        def both():
-            shrink()
-            expand()
+        def both():  # as lora_apply launches them (the expand a programmatic dependent launch)
+            run_lora(self.x, self.y, self.pool, self.batch, group, HIDDEN, cfg)
 
         return shrink, expand, both
 
@@ -250,6 +249,10 @@ def decode_cases():
         for label, ranks in [(f"r{r}", [r] * b) for r in (8, 16, 32, 64)] + [
                 ("S2", [S2[i % 4] for i in range(b)])]:
             yield f"decode B={b} {label}", [1] * b, ranks
+        if b >= 64:
+            # The same rows ordered by rank, largest first: the longest programs dispatched
+            # first, so the launch does not end on a tail of rank-64 programs.
+            yield f"decode B={b} S2 by rank", [1] * b, sorted((S2[i % 4] for i in range(b)), reverse=True)
 
 
 PREFILL = ("prefill 16x256 S2", [256] * 16, [S2[i % 4] for i in range(16)])
@@ -556,22 +559,25 @@ def sweep_grids(quick: bool):
 def quick_grids():
     """Around the full sweep's best (H200): MBGMV with pipelining depths, the full-rank
     expand tile with longer column loops, tensor-core (16-row padded) decode variants, and
-    more K splits / longer loops for prefill."""
+    more K splits / longer loops for prefill; each expand and MBGMM shrink with its page ids
+    loaded once per program (one_page, the default) and per block."""
     prod = itertools.product
     shrink = [dict(block_r=r, block_k=k, shrink_warps=4, shrink_stages=st, split_k=s)
               for r, k, st, s in prod((8, 16), (128, 256), (0, 2, 4), (1, 2))]
     shrink_dot = [dict(use_dot=True, block_m=16, block_r=r, block_k=k, shrink_warps=4,
                        shrink_stages=st, split_k=s)
                   for r, k, st, s in prod((16, 64), (128, 256), (3, 4), (1, 2, 4))]
-    expand = [dict(block_r_expand=64, block_n=n, expand_warps=w, n_iters=i, expand_stages=st)
-              for n, w, i, st in prod((128, 256), (2, 4), (2, 4, 8), (0, 4))]
+    expand = [dict(block_r_expand=64, block_n=n, expand_warps=w, n_iters=i, expand_stages=st, one_page=o)
+              for n, w, i, st, o in prod((128, 256), (1, 2, 4), (1, 2, 4), (0, 4), (True, False))]
     expand_dot = [dict(use_dot=True, expand_block_m=16, block_r_expand=64, block_n=n,
                        expand_warps=w, n_iters=i)
                   for n, w, i in prod((64, 128, 256), (4, 8), (2, 4, 8))]
-    pre_shrink = [dict(block_m=m, block_k=128, shrink_warps=w, shrink_stages=st, split_k=s)
-                  for m, w, st, s in prod((32, 64), (4, 8), (3, 4), (4, 8, 16))]
-    pre_expand = [dict(expand_block_m=m, block_n=n, expand_warps=8, n_iters=i, expand_stages=st)
-                  for m, n, i, st in prod((64, 128), (32, 64), (4, 8, 16), (0, 3, 4))]
+    pre_shrink = [dict(block_m=m, block_k=k, shrink_warps=w, shrink_stages=st, split_k=s, one_page=o)
+                  for m, k, w, st, s, o in prod((32, 64, 128), (64, 128), (4, 8), (3, 4), (2, 4, 8, 16),
+                                                (True, False))]
+    pre_expand = [dict(expand_block_m=m, block_n=n, expand_warps=w, n_iters=i, expand_stages=st)
+                  for m, n, w, i, st in prod((16, 32, 64, 128), (32, 64, 128, 256), (4, 8), (4, 8, 16), (0, 3))
+                  if n * i <= 4096]
     return shrink + shrink_dot, expand + expand_dot, pre_shrink, pre_expand, []
 
 
@@ -665,6 +671,36 @@ def sweep(timer, bw, out: Path, quick: bool = False):
         for r in sorted((r for r in results if r["kind"] == "attn" and r["cfg"]["batch"] == b
                          and "t" in r), key=lambda r: r["t"])[:3]:
             print(f"attn B={b:<4} {r['t'] * 1e6:7.1f} us {r['cfg']}")
+
+
+REG_CASES = {  # label: LoraLaunchConfig overrides of the decode-256 default
+    "expand 2 warps": dict(expand_warps=2),
+    "expand 4 warps": dict(expand_warps=4),
+    "expand 1 warp": dict(expand_warps=1),
+    "shrink default": dict(),
+}
+
+
+def regs(out: Path) -> None:
+    """Registers and spills per thread of the decode-256 kernels (a kernel whose tile does
+    not fit its registers spills to local memory: one explanation of a slow variant)."""
+    from kernels.lora import _group_table
+    from kernels.lora_expand import expand_call
+    from kernels.lora_shrink import shrink_call
+
+    case = _case("decode-256")
+    group = _group_table((0,), (0,), (HIDDEN,), case.x.device)
+    rows = []
+    for label, kw in REG_CASES.items():
+        cfg = _cfg(case, **kw)
+        tmp = torch.zeros((cfg.split_k, case.x.shape[0], 1, case.batch.max_rank), dtype=torch.float32, device=DEV)
+        call = (shrink_call(case.x, tmp, case.pool, case.batch, group, cfg) if label.startswith("shrink")
+                else expand_call(case.y, tmp, case.pool, case.batch, group, HIDDEN, cfg))
+        compiled = call.run()
+        rows.append(dict(label=label, cfg=kw, n_regs=getattr(compiled, "n_regs", None),
+                         n_spills=getattr(compiled, "n_spills", None)))
+        print(f"{label:<40} regs {rows[-1]['n_regs']} spills {rows[-1]['n_spills']}")
+    (out / "kernel_regs.json").write_text(json.dumps(rows, indent=1))
 
 
 def fused_fn(case: LoraCase, cfg):
@@ -802,6 +838,7 @@ def main():
     parser.add_argument("--variants", action="store_true",
                         help="MBGMV variants (unrolled loops, block shapes) against the default")
     parser.add_argument("--only", default="lora,attention,elementwise")
+    parser.add_argument("--regs", action="store_true", help="registers and spills of the decode kernels")
     parser.add_argument("--mixed", action="store_true",
                         help="a mixed step's q,k,v LoRA point: all rows on MBGMM vs decode rows on MBGMV")
     parser.add_argument("--decode-rows", default="64,171,256", help="with --mixed: decode row counts")
@@ -813,6 +850,9 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     if args.mixed:
         mixed(args, out)
+        return
+    if args.regs:
+        regs(out)
         return
     bw = copy_bandwidth()
     log.info("%s: copy bandwidth %.2f TB/s (read + write)", torch.cuda.get_device_name(), bw / 1e12)

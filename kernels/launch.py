@@ -56,6 +56,24 @@ def jit_options(*names: str) -> dict:
     return options
 
 
+@functools.cache
+def _pdl_supported(device_index: int) -> bool:
+    import torch
+    from triton.backends.nvidia.compiler import CUDAOptions
+
+    return ("launch_pdl" in CUDAOptions.__dataclass_fields__
+            and torch.cuda.get_device_capability(device_index)[0] >= 9)
+
+
+def pdl_supported(device) -> bool:
+    """Programmatic dependent launch (a kernel starting before the one it depends on has
+    finished, synchronised in the kernel by gdc_wait): Hopper or newer, and a Triton with the
+    `launch_pdl` option. Never under the interpreter, whose semantics lack the wait."""
+    if device.type != "cuda":
+        return False
+    return _pdl_supported(device.index if device.index is not None else 0)
+
+
 @dataclass
 class KernelCall:
     """One launch: `kernel[grid](*args, **kwargs)`."""
@@ -65,8 +83,9 @@ class KernelCall:
     args: tuple
     kwargs: dict = field(default_factory=dict)
 
-    def run(self) -> None:
-        self.kernel[self.grid](*self.args, **self.kwargs)
+    def run(self):
+        """Launch; returns Triton's compiled kernel (n_regs, n_spills: kernel_bench.py --regs)."""
+        return self.kernel[self.grid](*self.args, **self.kwargs)
 
 
 _binders: dict = {}

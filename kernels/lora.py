@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .launch import KernelCall, cdiv, next_pow2
+from .launch import KernelCall, cdiv, next_pow2, pdl_supported
 from .lora_expand import expand_call
 from .lora_fused import lora_fused
 from .lora_shrink import shrink_call
@@ -38,6 +38,12 @@ class LoraLaunchConfig:
     expand_block_m: int = 0  # MBGMM expand rows per program (0: block_m)
     shrink_unroll: bool = False  # MBGMV shrink: a split's K blocks as a fixed-count loop
     expand_unroll: bool = False  # MBGMV expand (and fused): column blocks as a fixed-count loop
+    # Page ids loaded once per program, before its K (shrink, MBGMM) or column (expand) loop,
+    # where the program's range lies inside one page.
+    one_page: bool = True
+    # The expand as a programmatic dependent launch of the shrink (Hopper+, CUDA only; see
+    # lora_expand.py): it starts during the shrink's tail instead of after it.
+    pdl: bool = True
     # Fused MBGMV kernel (lora_fused.py): one launch per LoRA point, no tmp. pick_config keeps
     # it off; it runs only when set and the step's rank bucket is <= fused_max_rank.
     fused: bool = False
@@ -103,23 +109,37 @@ def pick_config(max_seg_len: int, max_rank: int, page_width: int, in_width: int,
             # --variants: fused vs this default at B=256 r8/r16 and smaller batches; it was
             # written in a session without GPU time). Force it with $SLORA_LORA_TUNING
             # {"gmv": {"fused": true}}.
-            fused=False)
+            fused=False,
+            # Page ids loaded before the column loop made the expand slower here (B=256 S2:
+            # 43.5 -> 58.6 us, sweep of 2026-11-22), unlike on the MBGMM path below; so did
+            # the expand as a programmatic dependent launch (66.4 -> 75.6 us; a decode step
+            # at B=256 27.9 -> 28.9 ms): its 250-register programs, parked on the wait, hold
+            # the SM slots the shrink's last programs need.
+            one_page=False, pdl=False)
         cfg = _tuned(cfg, "gmv")
         if cfg.fused and max_rank > cfg.fused_max_rank:
             # Larger ranks are bandwidth-bound; the fused kernel's A re-reads and its
             # (rank, BLOCK_K) product tile only pay off for small ones.
             cfg = replace(cfg, fused=False)
         return cfg.with_split_k(in_width, 1)
-    # 16 x 256 tokens, S2: shrink 32 us, expand 44 us with 16 column blocks per program
-    # (4: 49 us), both 83 us. Two row-block sizes only: every block shape is a variant the
-    # engine compiles before serving (warm-up), and LoRA's share of a prefill is small.
-    # Re-swept 2026-11-21 (kernel_sweep_quick.json): with 64-row shrink blocks, 128-row expand
-    # blocks took the expand from 73.4 to 61.1 us and both kernels from 100.9 to 87.1 us.
+    # 16 x 256 tokens, S2 (kernel_bench.py --sweep --quick, H200): the page ids of a K split
+    # (shrink) or column range (expand) loaded once before the loop instead of per block
+    # (one_page) took the shrink from 31.3 to 20.8 us and the expand from 51.7 to 46.6 us:
+    # the per-block id load sat on the loop's dependency chain, so the pipeliner could not
+    # prefetch A and B^T as it does x and y. Best shapes with it: 64-row blocks for both,
+    # 64-column K steps in 8 warps (stage depth 4; the 16-row blocks of short
+    # prompts keep their 128-column steps, not re-swept), 16 column blocks of 64 per expand
+    # program. The expand as a programmatic dependent launch of the shrink (pdl, default
+    # on here): both kernels 67.3 -> 62.4 us. Two row-block sizes only: every block shape
+    # is a variant the engine compiles before serving (warm-up), and LoRA's share of a
+    # prefill is small.
     block_m = 16 if max_seg_len <= 16 else 64
     cfg = LoraLaunchConfig(
-        block_m=block_m, block_r=min(max(16, rank_pow2), 64), block_k=_page_block(page_width, 128),
+        block_m=block_m, block_r=min(max(16, rank_pow2), 64),
+        block_k=_page_block(page_width, 64 if block_m == 64 else 128),
         block_r_expand=max(16, rank_pow2), block_n=_page_block(page_width, 64), n_iters=16,
-        use_dot=True, ieee=ieee, shrink_warps=4, expand_warps=8, expand_block_m=128 if block_m == 64 else 0)
+        use_dot=True, ieee=ieee, shrink_warps=8 if block_m == 64 else 4, expand_warps=8,
+        shrink_stages=4 if block_m == 64 else 0)
     return _tuned(cfg, "gmm").with_split_k(in_width, 1)
 
 
@@ -282,5 +302,6 @@ def lora_calls(x, y, pool_layer, batch, group, max_width, cfg) -> list[KernelCal
     """The two launches of the shrink + expand path (kernels/launch.py), tmp allocated."""
     tmp = torch.empty((cfg.split_k, x.shape[0], group.shape[0], batch.max_rank),
                       dtype=torch.float32, device=x.device)
-    return [shrink_call(x, tmp, pool_layer, batch, group, cfg),
-            expand_call(y, tmp, pool_layer, batch, group, max_width, cfg)]
+    pdl = cfg.pdl and pdl_supported(x.device)
+    return [shrink_call(x, tmp, pool_layer, batch, group, cfg, pdl),
+            expand_call(y, tmp, pool_layer, batch, group, max_width, cfg, pdl)]

@@ -8,6 +8,7 @@ column range block by block, so tmp is read once per range rather than once per 
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_wait
 
 from .launch import KernelCall, cdiv, jit_options
 
@@ -27,10 +28,12 @@ def _lora_expand(
     NMOD: tl.constexpr, P: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
     ALIGNED: tl.constexpr,    # BLOCK_N divides P: one page per (row, block), else per element
+    ONE_PAGE: tl.constexpr,   # the program's column range lies in one page: its ids loaded once
     USE_DOT: tl.constexpr,    # MBGMM (tensor cores) vs MBGMV (BLOCK_M == 1, multiply + sum)
     IEEE: tl.constexpr,       # fp32 model: keep full precision instead of tf32
     UNROLL: tl.constexpr,     # column blocks as a fixed-count (unrolled) loop of N_ITERS
     N_ITERS: tl.constexpr,    # column blocks per program (cols_per_prog = N_ITERS * BLOCK_N)
+    PDL: tl.constexpr,        # launched as a programmatic dependent of the shrink (CUDA only)
 ):
     pid0 = tl.program_id(0)
     pid1 = tl.program_id(1)
@@ -60,6 +63,24 @@ def _lora_expand(
     m_mask = offs_m < row_end
     offs_r = tl.arange(0, BLOCK_R)
     r_mask = offs_r < rank
+    row_pages = b_start + offs_r * n_chunks  # page-table slot of each B^T row's chunk 0
+    arange_n = tl.arange(0, BLOCK_N)
+    if ONE_PAGE:
+        # Loaded before the column loop, the ids are off the loop's dependency chain: every
+        # block's B^T load can issue at once instead of waiting on its own page-id load.
+        page = tl.load(page_ids_ptr + row_pages + n_begin // P, mask=r_mask, other=0)
+        page_off = page.to(tl.int64) * P - (n_begin // P) * P  # + column = element offset
+    else:
+        page_off = row_pages.to(tl.int64)  # unused
+    n_end = tl.minimum(n_begin + cols_per_prog, width)
+    if PDL:
+        # Launched as a programmatic dependent of the shrink (lora.py: lora_calls), this
+        # program may start while the shrink's last programs still run. The tables, B^T and
+        # y do not depend on the shrink, tmp does: the first block of B^T is read before the
+        # wait, overlapping the shrink's tail and this launch's own latency.
+        b_first = _load_b(pool_ptr, page_ids_ptr, r_mask, row_pages, page_off, n_begin, n_end, arange_n,
+                          P, ALIGNED, ONE_PAGE)
+        gdc_wait()
     # Masked loads also shield us from the never-written (uninitialised) tmp entries.
     t_ptrs = tmp_ptr + (offs_m[:, None] * NMOD + slot) * R_MAX + offs_r[None, :]
     t_mask = m_mask[:, None] & r_mask[None, :]
@@ -74,33 +95,49 @@ def _lora_expand(
         t_col = t  # unused on this path
     else:
         t_col = tl.trans(t)  # (BLOCK_R, 1): one row's rank vector against B^T's rows
-    row_pages = b_start + offs_r * n_chunks  # page-table slot of each B^T row's chunk 0
-    arange_n = tl.arange(0, BLOCK_N)
+    if PDL:
+        _add_b(y_ptr, y_stride, t, t_col, b_first, offs_m, m_mask, n_begin, n_end, out_off, arange_n,
+               USE_DOT, IEEE)
+        n_first = n_begin + BLOCK_N
+    else:
+        n_first = n_begin
 
-    n_end = tl.minimum(n_begin + cols_per_prog, width)
     if UNROLL:
         # A fixed trip count lets the compiler issue every block's loads before the first
         # block's math: more bytes in flight per program, which is what a decode-sized
         # (latency-bound) launch lacks.
-        for it in tl.static_range(N_ITERS):
+        for it in tl.static_range(1 if PDL else 0, N_ITERS):
             _expand_block(y_ptr, y_stride, pool_ptr, page_ids_ptr, t, t_col, offs_m, m_mask, r_mask,
-                          row_pages, n_begin + it * BLOCK_N, n_end, out_off, arange_n,
-                          P, ALIGNED, USE_DOT, IEEE)
+                          row_pages, page_off, n_begin + it * BLOCK_N, n_end, out_off, arange_n,
+                          P, ALIGNED, ONE_PAGE, USE_DOT, IEEE)
     else:
-        for n0 in range(n_begin, n_end, BLOCK_N):
+        for n0 in range(n_first, n_end, BLOCK_N):
             _expand_block(y_ptr, y_stride, pool_ptr, page_ids_ptr, t, t_col, offs_m, m_mask, r_mask,
-                          row_pages, n0, n_end, out_off, arange_n, P, ALIGNED, USE_DOT, IEEE)
+                          row_pages, page_off, n0, n_end, out_off, arange_n, P, ALIGNED, ONE_PAGE,
+                          USE_DOT, IEEE)
 
 
 @triton.jit
 def _expand_block(y_ptr, y_stride, pool_ptr, page_ids_ptr, t, t_col, offs_m, m_mask, r_mask,
-                  row_pages, n0, n_end, out_off, arange_n,
-                  P: tl.constexpr, ALIGNED: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr):
-    """y[rows, out_off + n0 : + BLOCK_N] += t @ B^T[:, n0 : + BLOCK_N] (columns >= n_end masked)."""
+                  row_pages, page_off, n0, n_end, out_off, arange_n,
+                  P: tl.constexpr, ALIGNED: tl.constexpr, ONE_PAGE: tl.constexpr, USE_DOT: tl.constexpr,
+                  IEEE: tl.constexpr):
+    """y[rows, out_off + n0 : + BLOCK_N] += t @ B^T[:, n0 : + BLOCK_N] (columns >= n_end masked).
+    ONE_PAGE: page_off (per rank row) + column is the B^T element's offset in the pool."""
+    b = _load_b(pool_ptr, page_ids_ptr, r_mask, row_pages, page_off, n0, n_end, arange_n, P, ALIGNED, ONE_PAGE)
+    _add_b(y_ptr, y_stride, t, t_col, b, offs_m, m_mask, n0, n_end, out_off, arange_n, USE_DOT, IEEE)
+
+
+@triton.jit
+def _load_b(pool_ptr, page_ids_ptr, r_mask, row_pages, page_off, n0, n_end, arange_n,
+            P: tl.constexpr, ALIGNED: tl.constexpr, ONE_PAGE: tl.constexpr):
+    """B^T[:, n0 : + BLOCK_N] of the program's rank rows, (BLOCK_R, BLOCK_N), zero where masked."""
     offs_n = n0 + arange_n
     n_mask = offs_n < n_end
     b_mask = r_mask[:, None] & n_mask[None, :]
-    if ALIGNED:
+    if ONE_PAGE:
+        b_ptrs = pool_ptr + page_off[:, None] + offs_n[None, :]
+    elif ALIGNED:
         # Masked when the block lies past the end: its page-table slot may not be this adapter's.
         live = r_mask & ((row_pages * 0 + n0) < n_end)  # a tensor compare: the interpreter needs one
         page = tl.load(page_ids_ptr + row_pages + n0 // P, mask=live, other=0)
@@ -109,7 +146,15 @@ def _expand_block(y_ptr, y_stride, pool_ptr, page_ids_ptr, t, t_col, offs_m, m_m
         page = tl.load(page_ids_ptr + row_pages[:, None] + (offs_n // P)[None, :],
                        mask=b_mask, other=0)
         b_ptrs = pool_ptr + page.to(tl.int64) * P + (offs_n % P)[None, :]
-    b = tl.load(b_ptrs, mask=b_mask, other=0.0)  # (BLOCK_R, BLOCK_N), contiguous along N
+    return tl.load(b_ptrs, mask=b_mask, other=0.0)  # contiguous along N
+
+
+@triton.jit
+def _add_b(y_ptr, y_stride, t, t_col, b, offs_m, m_mask, n0, n_end, out_off, arange_n,
+           USE_DOT: tl.constexpr, IEEE: tl.constexpr):
+    """y[rows, out_off + n0 : + BLOCK_N] += t @ b, read, added in fp32 and rounded once."""
+    offs_n = n0 + arange_n
+    n_mask = offs_n < n_end
     if USE_DOT:
         if IEEE:
             delta = tl.dot(t, b, input_precision="ieee")
@@ -133,13 +178,15 @@ _lora_expand_step_kernel = triton.jit(_lora_expand, **jit_options(
     "b_starts_ptr", "num_adapters", "R_MAX", "m_blocks", "split_k", "split_stride"))
 
 
+
 def lora_expand(y, tmp, pool_layer, batch, group, max_width, cfg):
     """Add the scaled LoRA delta of every module slot into its column slice of y."""
     expand_call(y, tmp, pool_layer, batch, group, max_width, cfg).run()
 
 
-def expand_call(y, tmp, pool_layer, batch, group, max_width, cfg) -> KernelCall:
-    """The launch lora_expand makes (kernels/launch.py)."""
+def expand_call(y, tmp, pool_layer, batch, group, max_width, cfg, pdl: bool = False) -> KernelCall:
+    """The launch lora_expand makes (kernels/launch.py). pdl: launched as a programmatic
+    dependent of the shrink launched just before it (which then starts its dependents early)."""
     num_seg = batch.seg_adapter.shape[0]
     split_k, n_rows, nmod, max_rank = tmp.shape
     page_width = pool_layer.shape[1]
@@ -164,5 +211,6 @@ def expand_call(y, tmp, pool_layer, batch, group, max_width, cfg) -> KernelCall:
         NMOD=nmod, P=page_width,
         BLOCK_M=block_m, BLOCK_R=cfg.block_r_expand, BLOCK_N=cfg.block_n,
         ALIGNED=page_width % cfg.block_n == 0,
+        ONE_PAGE=cfg.one_page and page_width % cfg.block_n == 0 and page_width % cols_per_prog == 0,
         USE_DOT=cfg.use_dot, IEEE=cfg.ieee, UNROLL=cfg.expand_unroll and not cfg.use_dot,
-        N_ITERS=cfg.n_iters, **launch))
+        N_ITERS=cfg.n_iters, PDL=pdl, **launch, **({"launch_pdl": True} if pdl else {})))

@@ -147,12 +147,13 @@ def _lora_fused_kernel(
     if UNROLL_N:
         for it in tl.static_range(N_ITERS):
             _expand_block(y_ptr, y_stride, pool_ptr, page_ids_ptr, t_col, t_col, offs_m, m_mask,
-                          r_mask, b_pages, n_begin + it * BLOCK_N, n_end, out_off, arange_n,
-                          P, ALIGNED_N, False, False)
+                          r_mask, b_pages, b_pages, n_begin + it * BLOCK_N, n_end, out_off, arange_n,
+                          P, ALIGNED_N, False, False, False)
     else:
         for n0 in range(n_begin, n_end, BLOCK_N):
             _expand_block(y_ptr, y_stride, pool_ptr, page_ids_ptr, t_col, t_col, offs_m, m_mask,
-                          r_mask, b_pages, n0, n_end, out_off, arange_n, P, ALIGNED_N, False, False)
+                          r_mask, b_pages, b_pages, n0, n_end, out_off, arange_n, P, ALIGNED_N, False, False,
+                          False)
 
 
 def fused_block_k(cfg, page_width: int) -> int:

@@ -9,6 +9,7 @@ planes that the expand kernel adds up: deterministic, no atomics, no zero-fill.
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents
 
 from .launch import KernelCall, cdiv, jit_options
 
@@ -34,9 +35,15 @@ def _lora_shrink_kernel(
     NMOD: tl.constexpr, P: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     ALIGNED: tl.constexpr,    # BLOCK_K divides P: one page per (row, block), else per element
+    ONE_PAGE: tl.constexpr,   # ALIGNED and the split lies in one page: its ids loaded once
     IEEE: tl.constexpr,       # fp32 model: keep full precision instead of tf32
+    PDL: tl.constexpr,        # the expand is launched as our programmatic dependent (CUDA only)
 ):
     """MBGMM (tensor cores): BLOCK_M rows of one segment, BLOCK_R rank rows, one K split."""
+    if PDL:
+        # Let the expand launch once every program of ours is resident: it reads its tables
+        # and B^T while our last programs finish, and waits for them before reading tmp.
+        gdc_launch_dependents()
     pid0 = tl.program_id(0)
     pid1 = tl.program_id(1)
     k_split = tl.program_id(2)
@@ -66,13 +73,21 @@ def _lora_shrink_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     k_begin = k_split * k_per_split
+    if ONE_PAGE:
+        # Off the loop's dependency chain, so the pipeliner can prefetch A like x.
+        page = tl.load(page_ids_ptr + row_pages + k_begin // P, mask=r_mask, other=0)
+        page_off = page.to(tl.int64)[:, None] * P - (k_begin // P) * P + offs_k[None, :]
+    else:
+        page_off = offs_k[None, :].to(tl.int64)  # unused
     for k0 in range(k_begin, tl.minimum(k_begin + k_per_split, K), BLOCK_K):
         cols = k0 + offs_k
         k_mask = cols < K
         x = tl.load(x_ptr + offs_m[:, None] * x_stride + cols[None, :],
                     mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         a_mask = r_mask[:, None] & k_mask[None, :]
-        if ALIGNED:
+        if ONE_PAGE:
+            a_ptrs = pool_ptr + page_off + k0
+        elif ALIGNED:
             page = tl.load(page_ids_ptr + row_pages + k0 // P, mask=r_mask, other=0)
             a_ptrs = pool_ptr + page.to(tl.int64)[:, None] * P + (k0 % P + offs_k)[None, :]
         else:
@@ -100,8 +115,9 @@ def lora_shrink(x, tmp, pool_layer, batch, group, cfg):
     shrink_call(x, tmp, pool_layer, batch, group, cfg).run()
 
 
-def shrink_call(x, tmp, pool_layer, batch, group, cfg) -> KernelCall:
-    """The launch lora_shrink makes (kernels/launch.py)."""
+def shrink_call(x, tmp, pool_layer, batch, group, cfg, pdl: bool = False) -> KernelCall:
+    """The launch lora_shrink makes (kernels/launch.py). pdl: the expand that follows is
+    launched as its programmatic dependent (expand_call)."""
     num_seg = batch.seg_adapter.shape[0]
     split_k, n_rows, nmod, max_rank = tmp.shape
     in_width = x.shape[1]
@@ -123,14 +139,17 @@ def shrink_call(x, tmp, pool_layer, batch, group, cfg) -> KernelCall:
     if cfg.use_dot:
         return KernelCall(_lora_shrink_kernel, grid, common, dict(
             NMOD=nmod, P=page_width, BLOCK_M=cfg.block_m, BLOCK_R=cfg.block_r, BLOCK_K=cfg.block_k,
-            ALIGNED=page_width % cfg.block_k == 0, IEEE=cfg.ieee, **launch))
+            ALIGNED=page_width % cfg.block_k == 0,
+            ONE_PAGE=cfg.one_page and page_width % cfg.block_k == 0 and page_width % cfg.k_per_split == 0,
+            IEEE=cfg.ieee, PDL=pdl, **launch))
     aligned = page_width % cfg.block_k == 0 and cfg.k_per_split % cfg.block_k == 0
     # Unrolling needs every split to lie inside one page.
     unroll = cfg.shrink_unroll and aligned and page_width % cfg.k_per_split == 0
     kernel = _lora_shrink_gmv_step_kernel if batch.eager_decode else _lora_shrink_gmv_kernel
     return KernelCall(kernel, grid, common, dict(
         NMOD=nmod, P=page_width, BLOCK_R=cfg.block_r, BLOCK_K=cfg.block_k,
-        ALIGNED=aligned, UNROLL=unroll, K_ITERS=cfg.k_per_split // cfg.block_k if unroll else 1, **launch))
+        ALIGNED=aligned, UNROLL=unroll, K_ITERS=cfg.k_per_split // cfg.block_k if unroll else 1, PDL=pdl,
+        **launch))
 
 
 def _lora_shrink_gmv(
@@ -149,6 +168,7 @@ def _lora_shrink_gmv(
     ALIGNED: tl.constexpr,    # BLOCK_K divides P (and k_per_split): page ids once per chunk
     UNROLL: tl.constexpr,     # the split is K_ITERS blocks inside one page: fixed-count loop
     K_ITERS: tl.constexpr,
+    PDL: tl.constexpr,        # the expand is launched as our programmatic dependent (CUDA only)
 ):
     """MBGMV: one row, BLOCK_R rank rows of A, one K split.
 
@@ -157,6 +177,8 @@ def _lora_shrink_gmv(
     accumulate elementwise in a (BLOCK_R, BLOCK_K) tile, reduced once at the end, so the
     loop body is loads and FMAs only.
     """
+    if PDL:
+        gdc_launch_dependents()  # as in the MBGMM kernel above
     pid0 = tl.program_id(0)
     pid1 = tl.program_id(1)
     k_split = tl.program_id(2)

@@ -339,3 +339,21 @@ def test_fused_dispatch(monkeypatch):
     TRITON.lora_apply(x, y, pool, batch, (3,), (0,))
     torch.testing.assert_close(y.double().cpu(), reference(x, y0, batch, weights, (3,), (48,)),
                                atol=1e-4, rtol=1e-4)
+
+
+def test_page_ids_hoisted_only_inside_one_page():
+    # The split applier above (K in 3 one-page splits, one column block per expand program)
+    # must take the hoisted page-id path of both kernels and the default (splits and column
+    # ranges spanning pages) the per-block one: check() then covers both against the reference.
+    from kernels.lora import lora_calls
+
+    rng = np.random.default_rng(6)
+    case = dict(page_width=32, in_width=80, dtype=torch.float32, module_ids=(0,), out_widths=(96,),
+                ranks={0: [12]}, segments=[(20, 0)])
+    x, y0, pool, batch, _ = make_case(rng, **case)
+    group = _group_table((0,), (0,), (96,), x.device)
+    base = pick_config(batch.max_seg_len, batch.max_rank, 32, 80, x.dtype)
+    for one_page, cfg in ((False, base.with_split_k(80, 1)),
+                          (True, replace(base, n_iters=1).with_split_k(80, 3))):
+        shrink, expand = lora_calls(x, y0.clone(), pool, batch, group, 96, cfg)
+        assert shrink.kwargs["ONE_PAGE"] is one_page and expand.kwargs["ONE_PAGE"] is one_page
