@@ -167,6 +167,8 @@ def main() -> int:
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--no-graphs", action="store_true")
+    ap.add_argument("--no-lora-beside", action="store_true",
+                    help="LoRA shrinks after the base GEMMs on one stream (EngineConfig.lora_beside_gemm=false)")
     ap.add_argument("--prefill-len", type=int, default=256, help="newcomer prompt for the mixed-step rows; 0: none")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
@@ -174,7 +176,8 @@ def main() -> int:
     bw = copy_bandwidth()
     batches = [int(b) for b in args.batch.split(",")]
     engine = Engine(EngineConfig(model_dir=args.model, max_model_len=max(2048, args.ctx + 16),
-                                 max_batch_size=max(batches), cuda_graphs=not args.no_graphs))
+                                 max_batch_size=max(batches), cuda_graphs=not args.no_graphs,
+                                 lora_beside_gemm=not args.no_lora_beside))
     s, elt = engine.spec, engine.pool_tensor.element_size()
     ranks = (64, 32, 16, 8)
     for i in range(max(batches) + 1):  # the last one is the newcomer's (--prefill-len)

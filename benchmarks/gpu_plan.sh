@@ -33,6 +33,10 @@
 #                                                 #   the kernel table (~3 min)
 #   OUT=... bash benchmarks/gpu_plan.sh pdl       # h200: bf16 parity, kernel table and decode step with the expand
 #                                                 #   as a programmatic dependent launch and without (~6 min)
+#   OUT=... bash benchmarks/gpu_plan.sh small     # h200: MBGMV shapes for decode batches <= 64, then the decode
+#                                                 #   step and the kernel table with the best of them and without (~5 min)
+#   OUT=... bash benchmarks/gpu_plan.sh beside    # h200: bf16 parity, the decode step with LoRA shrinks beside the
+#                                                 #   base GEMMs and without, S2 n=1000 / ceiling at 60 req/s (~8 min)
 #   OUT=... bash benchmarks/gpu_plan.sh final     # h200: the kernel table, the decode step against its floor, S2
 #                                                 #   n=1000 and the ceiling at a saturating 60 req/s (~8 min)
 #
@@ -46,7 +50,7 @@
 set -uo pipefail
 usage() { sed -n '2,35p' "$0" | sed 's/^# \{0,1\}//'; }
 part="${1:-}"
-case "$part" in serving|s1|kernels|gmv|tp|tp1|tp4|tpsplit|fence|eager|s1fence|gather|gather8|onepage|kregs|pdl|final) ;; *) usage; exit 2 ;; esac
+case "$part" in serving|s1|kernels|gmv|tp|tp1|tp4|tpsplit|fence|eager|s1fence|gather|gather8|onepage|kregs|pdl|final|small|beside) ;; *) usage; exit 2 ;; esac
 : "${OUT:?set OUT to the folder for the results}"
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
@@ -131,6 +135,22 @@ case "$part" in
     step 100 decode_step python3 benchmarks/decode_step.py --batch 64,128,256 --ctx 512 --prefill-len 0 --out "$OUT"
     SLORA_LORA_TUNING="$OUT/no_pdl.json" step 100 decode_step_no_pdl \
       python3 benchmarks/decode_step.py --batch 64,128,256 --ctx 512 --prefill-len 0 --out "$OUT/no_pdl"
+    ;;
+  small)
+    step 240 kernel_sweep_small python3 benchmarks/kernel_bench.py --sweep --small --out "$OUT"
+    step 100 decode_step python3 benchmarks/decode_step.py --batch 16,64,128 --ctx 512 --prefill-len 0 --out "$OUT"
+    SLORA_LORA_TUNING="$OUT/lora_tuning_small.json" step 100 decode_step_small \
+      python3 benchmarks/decode_step.py --batch 16,64,128 --ctx 512 --prefill-len 0 --out "$OUT/small"
+    SLORA_LORA_TUNING="$OUT/lora_tuning_small.json" step 60 kernel_bench_small \
+      python3 benchmarks/kernel_bench.py --only lora --out "$OUT/small"
+    ;;
+  beside)
+    step 150 gpu_parity python3 benchmarks/gpu_parity.py --out "$OUT"
+    step 100 decode_step python3 benchmarks/decode_step.py --batch 16,64,128,256 --ctx 512 --prefill-len 0 --out "$OUT"
+    step 100 decode_step_one_stream python3 benchmarks/decode_step.py --batch 16,64,128,256 --ctx 512 --prefill-len 0 \
+      --no-lora-beside --out "$OUT/one_stream"
+    step 200 slora_s2_r60 python3 benchmarks/slora_bench.py --setting S2 --n 1000 --rate 60 --duration 10 \
+      --suffix _r60 --out "$OUT"
     ;;
   final)
     step 120 kernel_bench python3 benchmarks/kernel_bench.py --out "$OUT"

@@ -581,16 +581,11 @@ def quick_grids():
     return shrink + shrink_dot, expand + expand_dot, pre_shrink, pre_expand, []
 
 
-def sweep(timer, bw, out: Path, quick: bool = False):
-    shrink_grid, expand_grid, pre_shrink, pre_expand, attn = sweep_grids(quick)
-    jobs = ([("shrink", "decode-256", kw) for kw in shrink_grid]
-            + [("expand", "decode-256", kw) for kw in expand_grid]
-            + [("shrink", "prefill", kw) for kw in pre_shrink]
-            + [("expand", "prefill", kw) for kw in pre_expand]
-            + [("attn", None, kw) for kw in attn])
+def compile_all(jobs) -> list:
+    """Compile the jobs' kernels in parallel worker processes (Triton's on-disk cache is
+    shared); jobs differing only in run-time arguments go to the same worker, so each kernel
+    compiles once. Returns the failures."""
     t0 = time.monotonic()
-    # Compile in parallel worker processes (Triton's on-disk cache is shared); jobs differing
-    # only in run-time arguments go to the same worker, so each kernel compiles once.
     groups: dict = {}
     for job in jobs:
         kw = {k: v for k, v in job[2].items() if k not in ("split_k", "n_iters", "splits")}
@@ -604,6 +599,60 @@ def sweep(timer, bw, out: Path, quick: bool = False):
         failures = [f for part in pool.map(_warm, chunks) for f in part]
     log.info("compiled %d variants in %.0fs (%d failed)", len(jobs), time.monotonic() - t0,
              len(failures))
+    return failures
+
+
+def sweep_small(timer, bw, out: Path) -> None:
+    """MBGMV shapes for small decode batches (B=64 S2, where a decode step is furthest above its
+    floor): shrink and expand grids, then the best pairs with K splits at B=16 and 64. Writes
+    lora_tuning_small.json ({"gmv_small": ...}: kernels.lora.TUNED, launch_config applies it
+    to steps of at most SMALL_BATCH rows)."""
+    prod = itertools.product
+    shrink_grid = [dict(block_r=r, block_k=k, shrink_warps=w, shrink_stages=st, split_k=sp)
+                   for r, k, w, st, sp in prod((8, 16), (128, 256, 512), (2, 4), (0, 4), (2, 4, 8))]
+    expand_grid = [dict(block_n=n, expand_warps=w, n_iters=i, expand_stages=st)
+                   for n, w, i, st in prod((64, 128, 256), (1, 2, 4), (1, 2, 4), (0, 4))]
+    jobs = ([("shrink", "decode-64", kw) for kw in shrink_grid]
+            + [("expand", "decode-64", kw) for kw in expand_grid])
+    compile_all(jobs)
+    results = []
+    for job in jobs:
+        try:
+            results.append(dict(kind=job[0], case=job[1], cfg=job[2], t=timer(_run_job(job))))
+        except Exception as exc:  # noqa: BLE001 - a config the compiler rejects is skipped
+            results.append(dict(kind=job[0], case=job[1], cfg=job[2], error=repr(exc)[:300]))
+    timed = [r for r in results if "t" in r]
+    best_s = sorted((r for r in timed if r["kind"] == "shrink"), key=lambda r: r["t"])[:3]
+    best_e = sorted((r for r in timed if r["kind"] == "expand"), key=lambda r: r["t"])[:3]
+    combos = []
+    for s_row, e_row in itertools.product(best_s, best_e):
+        for split in (2, 4, 8):
+            kw = {**s_row["cfg"], **e_row["cfg"], "split_k": split}
+            for b in (16, 64):
+                combos.append(dict(case=f"decode-{b}", cfg=kw, t=timer(_run_job(("both", f"decode-{b}", kw)))))
+    default = {b: timer(_run_job(("both", f"decode-{b}", {}))) for b in (16, 64)}
+    top = sorted((c for c in combos if c["case"] == "decode-64"), key=lambda c: c["t"])
+    report = dict(device=torch.cuda.get_device_name(), copy_bandwidth_Bps=bw, default_s=default,
+                  results=results, combos=combos)
+    (out / "kernel_sweep_small.json").write_text(json.dumps(report, indent=1))
+    (out / "lora_tuning_small.json").write_text(json.dumps({"gmv_small": top[0]["cfg"]}, indent=1))
+    for r in best_s + best_e:
+        print(f"{r['kind']:6} decode-64 {r['t'] * 1e6:7.1f} us {r['cfg']}")
+    for b in (16, 64):
+        print(f"default decode-{b}: {default[b] * 1e6:.1f} us")
+        for c in sorted((c for c in combos if c["case"] == f"decode-{b}"), key=lambda c: c["t"])[:3]:
+            print(f"combo decode-{b} {c['t'] * 1e6:7.1f} us {c['cfg']}")
+
+
+def sweep(timer, bw, out: Path, quick: bool = False):
+    shrink_grid, expand_grid, pre_shrink, pre_expand, attn = sweep_grids(quick)
+    jobs = ([("shrink", "decode-256", kw) for kw in shrink_grid]
+            + [("expand", "decode-256", kw) for kw in expand_grid]
+            + [("shrink", "prefill", kw) for kw in pre_shrink]
+            + [("expand", "prefill", kw) for kw in pre_expand]
+            + [("attn", None, kw) for kw in attn])
+    t0 = time.monotonic()
+    failures = compile_all(jobs)
     results = []
     for job in jobs:
         try:
@@ -835,6 +884,7 @@ def main():
     parser.add_argument("--reps", type=int, default=50)
     parser.add_argument("--sweep", action="store_true", help="block-shape sweeps instead")
     parser.add_argument("--quick", action="store_true", help="with --sweep: the short sweep")
+    parser.add_argument("--small", action="store_true", help="with --sweep: MBGMV shapes for B <= 64")
     parser.add_argument("--variants", action="store_true",
                         help="MBGMV variants (unrolled loops, block shapes) against the default")
     parser.add_argument("--only", default="lora,attention,elementwise")
@@ -858,7 +908,10 @@ def main():
     log.info("%s: copy bandwidth %.2f TB/s (read + write)", torch.cuda.get_device_name(), bw / 1e12)
     timer = Timer(args.reps)
     if args.sweep:
-        sweep(timer, bw, out, args.quick)
+        if args.small:
+            sweep_small(timer, bw, out)
+        else:
+            sweep(timer, bw, out, args.quick)
         return
     if args.variants:
         variants(timer, bw, out)

@@ -12,7 +12,7 @@ from .lora_batch import MODULES, LoraBatch
 
 __all__ = ["MODULES", "LoraBatch", "get_ops"]
 
-_OPS = ("lora_apply", "write_kv", "paged_decode_attention", "rms_norm", "add_rms_norm",
+_OPS = ("lora_apply", "lora_linear", "write_kv", "paged_decode_attention", "rms_norm", "add_rms_norm",
         "rope_write_kv", "silu_mul")
 
 
@@ -31,13 +31,13 @@ def get_ops(backend: str) -> SimpleNamespace:
             if not torch.cuda.is_available():
                 os.environ.setdefault("TRITON_INTERPRET", "1")
         from .kv_write import write_kv
-        from .lora import lora_apply
+        from .lora import lora_apply, lora_linear
         from .paged_attention import paged_decode_attention
         from .rms_norm import add_rms_norm, rms_norm
         from .rope import rope_write_kv
         from .silu_mul import silu_mul
 
-        return SimpleNamespace(lora_apply=lora_apply, write_kv=write_kv,
+        return SimpleNamespace(lora_apply=lora_apply, lora_linear=lora_linear, write_kv=write_kv,
                                paged_decode_attention=paged_decode_attention, rms_norm=rms_norm,
                                add_rms_norm=add_rms_norm, rope_write_kv=rope_write_kv,
                                silu_mul=silu_mul)

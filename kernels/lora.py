@@ -69,10 +69,12 @@ def _page_block(page_width: int, cap: int) -> int:
     return block if block >= 16 else min(32, cap)
 
 
-# Overrides of pick_config's choices, by path ("gmv": decode-like, "gmm": prefill), for tuning
-# runs: a JSON file {"gmv": {field: value}, "gmm": {...}} named by $SLORA_LORA_TUNING (written
-# by benchmarks/kernel_bench.py --sweep); empty in normal use.
-TUNED: dict[str, dict] = {"gmv": {}, "gmm": {}}
+# Overrides of pick_config's choices, by path ("gmv": decode-like, "gmm": prefill, "gmv_small":
+# decode-like steps of at most SMALL_BATCH segments, on top of "gmv"), for tuning runs: a JSON
+# file {"gmv": {field: value}, "gmm": {...}} named by $SLORA_LORA_TUNING (written by
+# benchmarks/kernel_bench.py --sweep); empty in normal use.
+TUNED: dict[str, dict] = {"gmv": {}, "gmm": {}, "gmv_small": {}}
+SMALL_BATCH = 64
 if os.environ.get("SLORA_LORA_TUNING"):
     _table = json.loads(Path(os.environ["SLORA_LORA_TUNING"]).read_text())
     for _path, _overrides in TUNED.items():
@@ -188,6 +190,14 @@ def _group_table(module_ids, out_offsets, widths, device) -> torch.Tensor:
     return table
 
 
+def _group_of(module_ids, out_offsets, y_width: int, device) -> tuple[torch.Tensor, int]:
+    """The (NMOD, 3) group table of a projection group whose output is y_width wide (each
+    module's width runs to the next offset), and its widest module."""
+    bounds = (*out_offsets[1:], y_width)
+    widths = [end - off for off, end in zip(out_offsets, bounds, strict=True)]
+    return _group_table(module_ids, out_offsets, widths, device), max(widths)
+
+
 def lora_apply(x, y, pool_layer, batch, module_ids, out_offsets):
     """y[:, off_i : off_i + out_i] += scale * (x A_i^T) B_i^T per segment; y updated in place.
 
@@ -203,12 +213,46 @@ def lora_apply(x, y, pool_layer, batch, module_ids, out_offsets):
     assert x.stride(1) == 1 and y.stride(1) == 1, "x and y need unit column stride"
     assert x.dtype == pool_layer.dtype, "x and the pool must share the model dtype"
     assert x.shape[0] == y.shape[0] and len(module_ids) == len(out_offsets)
-    bounds = (*out_offsets[1:], y.shape[1])
-    widths = [end - off for off, end in zip(out_offsets, bounds, strict=True)]
-    group = _group_table(module_ids, out_offsets, widths, x.device)
+    group, max_width = _group_of(module_ids, out_offsets, y.shape[1], x.device)
     for part_x, part_y, part in lora_parts(x, y, batch):
         cfg = step_config(part, len(module_ids), page_width, x.shape[1], x.dtype, x.device)
-        run_lora(part_x, part_y, pool_layer, part, group, max(widths), cfg)
+        run_lora(part_x, part_y, pool_layer, part, group, max_width, cfg)
+    return y
+
+
+def lora_linear(x, weight, pool_layer, batch, module_ids, out_offsets, side=None):
+    """x @ weight^T plus the step's LoRA delta (lora_apply), as one projection group.
+
+    `side`: a CUDA stream (decode graphs: ModelRunner.run_layers) on which the shrinks, which
+    read only x, run beside the base GEMM; the expands follow both. A decode step's LoRA
+    kernels are latency-bound (BENCHMARKS.md, Kernels) and the GEMM leaves bandwidth over, so
+    in the captured graph the two branches overlap. Without `side` (eager steps: two stream
+    switches per LoRA point would cost host time there) the GEMM, then lora_apply.
+    """
+    y_width = weight.shape[0]
+    parts = lora_parts(x, x, batch) if side is not None and x.shape[0] else []
+    if not parts or any(step_config(part, len(module_ids), pool_layer.shape[1], x.shape[1], x.dtype,
+                                    x.device).fused for _, _, part in parts):
+        return lora_apply(x, torch.nn.functional.linear(x, weight), pool_layer, batch, module_ids, out_offsets)
+    page_width = pool_layer.shape[1]
+    assert pool_layer.stride() == (page_width, 1) and x.stride(1) == 1 and x.dtype == pool_layer.dtype
+    group, max_width = _group_of(module_ids, out_offsets, y_width, x.device)
+    plan = []
+    for part_x, _, part in parts:
+        cfg = step_config(part, len(module_ids), page_width, x.shape[1], x.dtype, x.device)
+        # Allocated on the main stream, which also frees them (after the expands).
+        tmp = torch.empty((cfg.split_k, part_x.shape[0], len(module_ids), part.max_rank),
+                          dtype=torch.float32, device=x.device)
+        plan.append((cfg, tmp, shrink_call(part_x, tmp, pool_layer, part, group, cfg)))
+    main = torch.cuda.current_stream(x.device)
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        for _, _, shrink in plan:
+            shrink.run()
+    y = torch.nn.functional.linear(x, weight)
+    main.wait_stream(side)
+    for (cfg, tmp, _), (_, part_y, part) in zip(plan, lora_parts(x, y, batch), strict=True):
+        expand_call(part_y, tmp, pool_layer, part, group, max_width, cfg).run()
     return y
 
 
@@ -247,11 +291,15 @@ def launch_config(segments: int, max_seg_len: int, max_rank: int, n_mod: int, pa
                   dtype, sms: int, eager_decode: bool = False) -> LoraLaunchConfig:
     """pick_config and the K split for a batch of that shape on a GPU of `sms` SMs (0: CPU)."""
     cfg = pick_config(max_seg_len, max_rank, page_width, in_width, dtype)
+    small = max_seg_len <= GMV_MAX_SEG_LEN and segments <= SMALL_BATCH and TUNED["gmv_small"]
+    if small:
+        cfg = _tuned(cfg, "gmv_small")
     if eager_decode:
         # The fused kernel has one (specialised, graph) form: eager decode rows take shrink + expand.
         cfg = replace(cfg, fused=False)
     path = "gmv" if max_seg_len <= GMV_MAX_SEG_LEN else "gmm"
-    split_k = TUNED[path].get("split_k") or split_k_for(cfg, segments, max_seg_len, max_rank, n_mod, in_width, sms)
+    split_k = ((small and TUNED["gmv_small"].get("split_k")) or TUNED[path].get("split_k")
+               or split_k_for(cfg, segments, max_seg_len, max_rank, n_mod, in_width, sms))
     return cfg.with_split_k(in_width, split_k)
 
 

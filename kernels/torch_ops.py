@@ -38,6 +38,11 @@ def _paged_rows_batched(pool_layer, page_ids, starts, ranks, rank_pad: int, n_ch
     return rows.view(len(starts), rank_pad, -1)
 
 
+def lora_linear(x, weight, pool_layer, batch, module_ids, out_offsets, side=None):
+    """x @ weight^T plus the step's LoRA delta (kernels/lora.py: lora_linear); `side` unused."""
+    return lora_apply(x, torch.nn.functional.linear(x, weight), pool_layer, batch, module_ids, out_offsets)
+
+
 def lora_apply(x, y, pool_layer, batch, module_ids, out_offsets):
     """y[:, off_i : off_i + out_i] += scale * (x A_i^T) B_i^T per segment; y updated in place.
     A decode part (LoraBatch.decode) is applied to its rows (views of x and y) like a batch

@@ -48,6 +48,10 @@ class EngineConfig:
     # row and costs two more launches per LoRA point, so a few long segments stay on MBGMM.
     # H200, S2: n=5 adapters (<= 6 segments) lost 3.5-4% with the split, n=1000 gained 5%.
     lora_decode_gmv_min_segments: int = 32
+    # In decode graphs (one GPU), each LoRA point's shrink runs on a side stream beside its base
+    # GEMM: both read the same input, and the latency-bound LoRA kernels use bandwidth the
+    # GEMM leaves over (kernels/lora.py: lora_linear). false = one stream (benchmark A/B).
+    lora_beside_gemm: bool = True
     max_queue: int = 1024  # waiting requests; beyond it submit() answers "busy"
     max_model_len: int = 0  # 0 = the model's max_position_embeddings
     max_tokens_limit: int = 4096  # largest max_tokens a request may ask for

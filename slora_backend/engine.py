@@ -151,7 +151,8 @@ class Engine:
                                   tp=None if self.tp is None else self.tp.group,
                                   lora_decode_rows_gmv=config.lora_decode_rows_gmv and (
                                       self.tp is None or config.tp_lora_decode_rows_gmv),
-                                  gmv_min_segments=config.lora_decode_gmv_min_segments)
+                                  gmv_min_segments=config.lora_decode_gmv_min_segments,
+                                  lora_beside_gemm=config.lora_beside_gemm)
         self.sampler = Sampler(self.device)
         self.graphs: DecodeGraphs | None = None
         if use_graphs and self.tp is None:

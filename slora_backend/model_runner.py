@@ -177,12 +177,15 @@ def eager_warmup_steps(spec: ModelSpec, page_width: int, dtype, ranks: list[int]
 
 class ModelRunner:
     def __init__(self, spec: ModelSpec, weights: BaseWeights, pool: torch.Tensor, ops,
-                 max_model_len: int, tp=None, lora_decode_rows_gmv: bool = False, gmv_min_segments: int = 1):
+                 max_model_len: int, tp=None, lora_decode_rows_gmv: bool = False, gmv_min_segments: int = 1,
+                 lora_beside_gemm: bool = False):
         """With tensor parallelism `spec` is this rank's shape (tensor_parallel.local_spec),
         `weights` and `pool` its shards, and `tp` its tensor_parallel.TPGroup; None = one GPU.
         lora_decode_rows_gmv: the decode rows of eager steps run their LoRA on the MBGMV
         kernels (LoraBatch.decode; EngineConfig.lora_decode_rows_gmv) when they form at least
-        gmv_min_segments adapter segments (EngineConfig.lora_decode_gmv_min_segments)."""
+        gmv_min_segments adapter segments (EngineConfig.lora_decode_gmv_min_segments).
+        lora_beside_gemm: in decode graphs on one GPU, each LoRA point's shrink runs on a side
+        stream beside its base GEMM (EngineConfig.lora_beside_gemm; kernels/lora.py: lora_linear)."""
         self.spec, self.w, self.pool, self.ops = spec, weights, pool, ops
         self.tp = tp
         # With tensor parallelism too: both parts write one intermediate, so a LoRA point keeps
@@ -192,6 +195,8 @@ class ModelRunner:
         self.decode_part_steps = 0  # eager steps whose decode rows took the MBGMV kernels (benchmarks)
         self.tp_graphs = None  # tp_graphs.TPDecodeGraphs, set once captured
         self.device, self.dtype = pool.device, pool.dtype
+        self.lora_side_stream = (torch.cuda.Stream(self.device)
+                                 if lora_beside_gemm and self.device.type == "cuda" and tp is None else None)
         self.max_model_len = max_model_len
         inv = rope_inv_freq(spec)
         freqs = torch.outer(torch.arange(max_model_len, dtype=torch.float32), inv)
@@ -318,14 +323,20 @@ class ModelRunner:
         sin = self.sin[inp.positions]
         qw, kvw, eps = s.q_width, s.kv_width, s.rms_eps
         layers = self.w.layers
+        # While a decode graph is captured, LoRA shrinks run beside the base GEMMs on a side
+        # stream (kernels/lora.py: lora_linear); eager steps keep one stream.
+        side = self.lora_side_stream
+        if side is not None and not torch.cuda.is_current_stream_capturing():
+            side = None
         x = ops.rms_norm(h, layers[0].input_norm, eps)
         for layer, w in enumerate(layers):
             pool = self.pool[layer]
-            qkv = F.linear(x, w.qkv)
+            if qkv_lora and tp_lora is None:
+                qkv = ops.lora_linear(x, w.qkv, pool, lora, (0, 1, 2), self.qkv_offsets, side)
+            else:
+                qkv = F.linear(x, w.qkv)
             if qkv_lora and tp_lora is not None:
                 tp.lora_column(x, qkv, pool, tp_lora, (0, 1, 2), self.qkv_offsets)
-            elif qkv_lora:
-                ops.lora_apply(x, qkv, pool, lora, (0, 1, 2), self.qkv_offsets)
             # q and k rotated in place in qkv; k and v written to their pages.
             ops.rope_write_kv(qkv, cos, sin, pool, inp.k_pages, inp.v_pages,
                               s.heads, s.kv_heads, s.head_dim)
@@ -341,25 +352,28 @@ class ModelRunner:
             else:
                 attn = ops.paged_decode_attention(q, pool, inp.kv_table, inp.seq_lens, self.sm_scale)
             attn = attn.reshape(T, qw)
-            o = F.linear(attn, w.o)
+            if o_lora and tp_lora is None:
+                o = ops.lora_linear(attn, w.o, pool, lora, (3,), (0,), side)
+            else:
+                o = F.linear(attn, w.o)
             if o_lora and tp_lora is not None:
                 tp.lora_row(attn, o, pool, tp_lora, 3)
-            elif o_lora:
-                ops.lora_apply(attn, o, pool, lora, (3,), (0,))
             if tp is not None:
                 tp.all_reduce(o)
             x = ops.add_rms_norm(h, o, w.post_norm, eps)  # h += o
-            gate_up = F.linear(x, w.gate_up)
+            if gate_up_lora and tp_lora is None:
+                gate_up = ops.lora_linear(x, w.gate_up, pool, lora, (4, 5), self.gate_up_offsets, side)
+            else:
+                gate_up = F.linear(x, w.gate_up)
             if gate_up_lora and tp_lora is not None:
                 tp.lora_column(x, gate_up, pool, tp_lora, (4, 5), self.gate_up_offsets)
-            elif gate_up_lora:
-                ops.lora_apply(x, gate_up, pool, lora, (4, 5), self.gate_up_offsets)
             act = ops.silu_mul(gate_up)
-            down = F.linear(act, w.down)
+            if down_lora and tp_lora is None:
+                down = ops.lora_linear(act, w.down, pool, lora, (6,), (0,), side)
+            else:
+                down = F.linear(act, w.down)
             if down_lora and tp_lora is not None:
                 tp.lora_row(act, down, pool, tp_lora, 6)
-            elif down_lora:
-                ops.lora_apply(act, down, pool, lora, (6,), (0,))
             if tp is not None:
                 tp.all_reduce(down)
             if layer + 1 < len(layers):
