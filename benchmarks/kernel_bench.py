@@ -253,6 +253,8 @@ def decode_cases():
             # The same rows ordered by rank, largest first: the longest programs dispatched
             # first, so the launch does not end on a tail of rank-64 programs.
             yield f"decode B={b} S2 by rank", [1] * b, sorted((S2[i % 4] for i in range(b)), reverse=True)
+            # As decode graphs launch them: per-row tables (LoraBatch.rows_are_adapters).
+            yield f"decode B={b} S2 row tables", [1] * b, [S2[i % 4] for i in range(b)]
 
 
 PREFILL = ("prefill 16x256 S2", [256] * 16, [S2[i % 4] for i in range(16)])
@@ -931,6 +933,8 @@ def main():
         rows = []
         for name, seg_lens, ranks in [*decode_cases(), PREFILL]:
             case = LoraCase(seg_lens, ranks)
+            # Segment s is on adapter s already: its tables are per-row tables.
+            case.batch.rows_are_adapters = name.endswith("row tables")
             rows.append(bench_lora_case(name, case, timer, bw, ops))
             del case
         report["lora"] = rows

@@ -56,6 +56,22 @@ def jit_options(*names: str) -> dict:
     return options
 
 
+# Module ids of each group table (kernels/lora.py: _group_table), packed 3 bits per slot, by
+# the table's id: tables are built once and kept, so the kernels can take a group's module ids
+# as a constexpr (MODS) instead of loading them (LoraBatch.rows_are_adapters).
+_GROUP_MODS: dict[int, int] = {}
+
+
+def register_group(table, module_ids) -> None:
+    assert all(0 <= m < 8 for m in module_ids)
+    _GROUP_MODS[id(table)] = sum(m << (3 * i) for i, m in enumerate(module_ids))
+
+
+def group_mods(table) -> int:
+    """The packed module ids of a group table built by kernels/lora.py: _group_table."""
+    return _GROUP_MODS[id(table)]
+
+
 @functools.cache
 def _pdl_supported(device_index: int) -> bool:
     import torch

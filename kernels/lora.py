@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .launch import KernelCall, cdiv, next_pow2, pdl_supported
+from .launch import KernelCall, cdiv, next_pow2, pdl_supported, register_group
 from .lora_expand import expand_call
 from .lora_fused import lora_fused
 from .lora_shrink import shrink_call
@@ -186,6 +186,7 @@ def _group_table(module_ids, out_offsets, widths, device) -> torch.Tensor:
     if table is None:
         rows = [[m, o, w] for m, o, w in zip(module_ids, out_offsets, widths, strict=True)]
         table = torch.tensor(rows, dtype=torch.int32, device=device)
+        register_group(table, module_ids)
         _group_tables[key] = table
     return table
 

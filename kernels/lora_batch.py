@@ -52,6 +52,11 @@ class LoraBatch:
     # Set on such a decode part: its ints change every step, so the MBGMV launches take the
     # kernels' unspecialised forms (kernels/launch.py); graph decode keeps them specialised.
     eager_decode: bool = False
+    # Decode graphs (cuda_graphs.py): one row per segment, segment s on column s of the
+    # tables (ranks, starts and scales gathered per row; base and padding rows rank 0, and
+    # seg_adapter s or -1). The MBGMV kernels then skip the segment tables: one dependent
+    # load fewer before their first weight byte.
+    rows_are_adapters: bool = False
     # Launch configurations already chosen for this step, by projection shape (kernels/lora.py:
     # step_config): every layer asks the same question, and an eager step asks it ~64 times.
     configs: dict = field(default_factory=dict, init=False, repr=False, compare=False)

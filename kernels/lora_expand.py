@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_wait
 
-from .launch import KernelCall, cdiv, jit_options
+from .launch import KernelCall, cdiv, group_mods, jit_options
 
 
 def _lora_expand(
@@ -34,29 +34,40 @@ def _lora_expand(
     UNROLL: tl.constexpr,     # column blocks as a fixed-count (unrolled) loop of N_ITERS
     N_ITERS: tl.constexpr,    # column blocks per program (cols_per_prog = N_ITERS * BLOCK_N)
     PDL: tl.constexpr,        # launched as a programmatic dependent of the shrink (CUDA only)
+    ROW_TABLES: tl.constexpr,  # LoraBatch.rows_are_adapters: segment s is row s, table column s
+    MODS: tl.constexpr,       # with ROW_TABLES: slot i's module id in bits 3i..3i+2
 ):
     pid0 = tl.program_id(0)
     pid1 = tl.program_id(1)
     seg = pid0 // m_blocks
     slot = pid1 // n_progs
-    adapter = tl.load(seg_adapter_ptr + seg)
-    if adapter < 0:
-        return
-    row0 = tl.load(seg_starts_ptr + seg) + (pid0 % m_blocks) * BLOCK_M
-    row_end = tl.load(seg_starts_ptr + seg + 1)
-    if row0 >= row_end:
-        return
-    module = tl.load(group_ptr + slot * 3)
+    if ROW_TABLES:
+        adapter = seg  # no segment-table loads (as in the MBGMV shrink); BLOCK_M == 1
+        row0 = seg
+        row_end = seg + 1
+    else:
+        adapter = tl.load(seg_adapter_ptr + seg)
+        if adapter < 0:
+            return
+        row0 = tl.load(seg_starts_ptr + seg) + (pid0 % m_blocks) * BLOCK_M
+        row_end = tl.load(seg_starts_ptr + seg + 1)
+        if row0 >= row_end:
+            return
+    if ROW_TABLES:
+        module = (MODS >> (3 * slot)) & 7  # the group's module ids, packed: no table load
+    else:
+        module = tl.load(group_ptr + slot * 3)
     out_off = tl.load(group_ptr + slot * 3 + 1)
     width = tl.load(group_ptr + slot * 3 + 2)
+    # Every table load ahead of the branches, so none waits for another's value.
+    rank = tl.load(ranks_ptr + module * num_adapters + adapter)
+    b_start = tl.load(b_starts_ptr + module * num_adapters + adapter)
+    scale = tl.load(scales_ptr + module * num_adapters + adapter)
     n_begin = (pid1 % n_progs) * cols_per_prog
     if n_begin >= width:
         return
-    rank = tl.load(ranks_ptr + module * num_adapters + adapter)
     if rank == 0:
         return
-    b_start = tl.load(b_starts_ptr + module * num_adapters + adapter)
-    scale = tl.load(scales_ptr + module * num_adapters + adapter)
     n_chunks = tl.cdiv(width, P)
 
     offs_m = row0 + tl.arange(0, BLOCK_M)
@@ -207,10 +218,12 @@ def expand_call(y, tmp, pool_layer, batch, group, max_width, cfg, pdl: bool = Fa
     if cfg.expand_stages:
         launch["num_stages"] = cfg.expand_stages
     kernel = _lora_expand_step_kernel if cfg.use_dot or batch.eager_decode else _lora_expand_kernel
+    row_tables = batch.rows_are_adapters and not cfg.use_dot
     return KernelCall(kernel, grid, common, dict(
         NMOD=nmod, P=page_width,
         BLOCK_M=block_m, BLOCK_R=cfg.block_r_expand, BLOCK_N=cfg.block_n,
         ALIGNED=page_width % cfg.block_n == 0,
         ONE_PAGE=cfg.one_page and page_width % cfg.block_n == 0 and page_width % cols_per_prog == 0,
         USE_DOT=cfg.use_dot, IEEE=cfg.ieee, UNROLL=cfg.expand_unroll and not cfg.use_dot,
-        N_ITERS=cfg.n_iters, PDL=pdl, **launch, **({"launch_pdl": True} if pdl else {})))
+        N_ITERS=cfg.n_iters, PDL=pdl, ROW_TABLES=row_tables, MODS=group_mods(group) if row_tables else 0, **launch,
+        **({"launch_pdl": True} if pdl else {})))

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents
 
-from .launch import KernelCall, cdiv, jit_options
+from .launch import KernelCall, cdiv, group_mods, jit_options
 
 # Arguments that change from one eager (prefill) step to the next stay unspecialised, so that
 # the variants compiled at start-up cover every step (kernels/launch.py). The MBGMV kernel has
@@ -58,10 +58,10 @@ def _lora_shrink_kernel(
         return
     module = tl.load(group_ptr + slot * 3)
     rank = tl.load(ranks_ptr + module * num_adapters + adapter)
+    a_start = tl.load(a_starts_ptr + module * num_adapters + adapter)  # not behind the branch
     r0 = (pid1 % r_blocks) * BLOCK_R
     if r0 >= rank:
         return
-    a_start = tl.load(a_starts_ptr + module * num_adapters + adapter)
     n_chunks = tl.cdiv(K, P)
 
     offs_m = row0 + tl.arange(0, BLOCK_M)
@@ -149,6 +149,7 @@ def shrink_call(x, tmp, pool_layer, batch, group, cfg, pdl: bool = False) -> Ker
     return KernelCall(kernel, grid, common, dict(
         NMOD=nmod, P=page_width, BLOCK_R=cfg.block_r, BLOCK_K=cfg.block_k,
         ALIGNED=aligned, UNROLL=unroll, K_ITERS=cfg.k_per_split // cfg.block_k if unroll else 1, PDL=pdl,
+        ROW_TABLES=batch.rows_are_adapters, MODS=group_mods(group) if batch.rows_are_adapters else 0,
         **launch))
 
 
@@ -169,6 +170,8 @@ def _lora_shrink_gmv(
     UNROLL: tl.constexpr,     # the split is K_ITERS blocks inside one page: fixed-count loop
     K_ITERS: tl.constexpr,
     PDL: tl.constexpr,        # the expand is launched as our programmatic dependent (CUDA only)
+    ROW_TABLES: tl.constexpr,  # LoraBatch.rows_are_adapters: segment s is row s, table column s
+    MODS: tl.constexpr,       # with ROW_TABLES: slot i's module id in bits 3i..3i+2
 ):
     """MBGMV: one row, BLOCK_R rank rows of A, one K split.
 
@@ -184,18 +187,28 @@ def _lora_shrink_gmv(
     k_split = tl.program_id(2)
     seg = pid0 // m_blocks
     slot = pid1 // r_blocks
-    adapter = tl.load(seg_adapter_ptr + seg)
-    if adapter < 0:
-        return
-    row = tl.load(seg_starts_ptr + seg) + pid0 % m_blocks
-    if row >= tl.load(seg_starts_ptr + seg + 1):
-        return
-    module = tl.load(group_ptr + slot * 3)
+    if ROW_TABLES:
+        # No segment-table loads: the rank below is the first load, one fewer in the chain
+        # of dependent loads ahead of the first byte of A (base and padding rows: rank 0).
+        adapter = seg
+        row = seg
+    else:
+        adapter = tl.load(seg_adapter_ptr + seg)
+        if adapter < 0:
+            return
+        row = tl.load(seg_starts_ptr + seg) + pid0 % m_blocks
+        if row >= tl.load(seg_starts_ptr + seg + 1):
+            return
+    if ROW_TABLES:
+        module = (MODS >> (3 * slot)) & 7  # the group's module ids, packed: no table load
+    else:
+        module = tl.load(group_ptr + slot * 3)
+    # Both loads ahead of the branch on the rank: a_start then does not wait for it.
     rank = tl.load(ranks_ptr + module * num_adapters + adapter)
+    a_start = tl.load(a_starts_ptr + module * num_adapters + adapter)
     r0 = (pid1 % r_blocks) * BLOCK_R
     if r0 >= rank:
         return
-    a_start = tl.load(a_starts_ptr + module * num_adapters + adapter)
     n_chunks = tl.cdiv(K, P)
 
     offs_r = r0 + tl.arange(0, BLOCK_R)

@@ -80,7 +80,7 @@ class DecodeGraphs:
             lora = LoraBatch(seg_starts=self.seg_starts[: b + 1], seg_adapter=self.seg_adapter[:b],
                              ranks=self.lora_ints[0], scales=self.scales, a_starts=self.lora_ints[1],
                              b_starts=self.lora_ints[2], page_ids=self.page_ids, max_rank=rank, max_seg_len=1,
-                             modules=modules)
+                             modules=modules, rows_are_adapters=True)
         return StepInputs(prefill=False, input_ids=self.input_ids[:b], positions=self.positions[:b],
                           k_pages=self.k_pages[:b], v_pages=self.v_pages[:b], last_rows=self.last_rows[:b],
                           seq_bounds=[], kv_table=self.kv_table[:b], seq_lens=self.seq_lens[:b], lora=lora)
@@ -167,14 +167,20 @@ class DecodeGraphs:
             tables = adapters.lora_tables([r.adapter for r in reqs])
             rank = next(r for r in self.ranks if r >= tables.max_rank)
             modules = self.modules_class(tables.modules)
-            a = len(tables.names)
+            # Per-row tables (LoraBatch.rows_are_adapters): row i reads column i, so the
+            # kernels need not look its adapter up first. Base and padding rows get rank 0.
+            adapter = np.asarray(tables.seg_adapter)
+            base = adapter < 0
             seg = self.h_seg_adapter.numpy()
             seg[:b] = -1
-            seg[:n] = tables.seg_adapter
-            self.h_lora_ints.numpy()[:, :, :a] = tables.ints
-            self.h_scales.numpy()[:, :a] = tables.scales
+            seg[:n] = np.where(base, -1, np.arange(n))
+            ints, scales = self.h_lora_ints.numpy(), self.h_scales.numpy()
+            ints[:, :, :n] = tables.ints[:, :, np.maximum(adapter, 0)]
+            ints[0, :, :n][:, base] = 0
+            ints[0, :, n:b] = 0
+            scales[:, :n] = tables.scales[:, np.maximum(adapter, 0)]
             self.seg_adapter[:b].copy_(self.h_seg_adapter[:b], non_blocking=True)
-            # Columns past `a` keep stale values: no segment of this step points at them.
+            # Columns past b keep stale values: no row of this step reads them.
             self.lora_ints.copy_(self.h_lora_ints, non_blocking=True)
             self.scales.copy_(self.h_scales, non_blocking=True)
             torch.cat(tables.page_id_parts, out=self.page_ids[: tables.total_pages])

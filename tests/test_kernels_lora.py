@@ -357,3 +357,42 @@ def test_page_ids_hoisted_only_inside_one_page():
                           (True, replace(base, n_iters=1).with_split_k(80, 3))):
         shrink, expand = lora_calls(x, y0.clone(), pool, batch, group, 96, cfg)
         assert shrink.kwargs["ONE_PAGE"] is one_page and expand.kwargs["ONE_PAGE"] is one_page
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_with_per_row_tables(dtype):
+    # Decode graphs' tables (LoraBatch.rows_are_adapters): row i reads column i of the rank,
+    # start and scale tables, base rows rank 0; the MBGMV kernels then load no segment table
+    # and take the group's module ids as a constant. Same delta as the per-adapter tables.
+    rng = np.random.default_rng(7)
+    adapters = [1, -1, 0, 2, 1, 3, -1, 0, 2]  # one row each; repeats and base rows
+    case = dict(page_width=48, in_width=96, dtype=dtype, **QKV,
+                ranks={0: [12, 0, 12], 1: [64, 64, 64], 2: [1, 1, 0], 3: [8, 8, 8]},
+                segments=[(1, a) for a in adapters])
+    x, y0, pool, batch, weights = make_case(rng, **case)
+    expected = reference(x, y0, batch, weights, QKV["module_ids"], QKV["out_widths"])
+    cols = torch.tensor([max(a, 0) for a in adapters], device=DEVICE)
+    base = torch.tensor([a < 0 for a in adapters], device=DEVICE)
+    ranks = batch.ranks[:, cols].clone()
+    ranks[:, base] = 0
+    rows = replace(batch, ranks=ranks, scales=batch.scales[:, cols], a_starts=batch.a_starts[:, cols],
+                   b_starts=batch.b_starts[:, cols], rows_are_adapters=True,
+                   seg_adapter=torch.tensor([-1 if a < 0 else i for i, a in enumerate(adapters)],
+                                            dtype=torch.int32, device=DEVICE))
+    offsets = (0, 64, 104)
+    for ops in (TRITON, TORCH):
+        y = y0.clone()
+        ops.lora_apply(x, y, pool, rows, QKV["module_ids"], offsets)
+        tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.1, rtol=2e-2)
+        torch.testing.assert_close(y.double().cpu(), expected, **tol)
+    calls = lora_calls_of(x, y0, pool, rows, offsets)
+    assert all(c.kwargs["ROW_TABLES"] for c in calls) and calls[0].kwargs["MODS"] == 0 + (1 << 3) + (2 << 6)
+
+
+def lora_calls_of(x, y, pool, batch, offsets):
+    from kernels.lora import _group_table, lora_calls
+
+    widths = [b - a for a, b in zip(offsets, (*offsets[1:], y.shape[1]), strict=True)]
+    group = _group_table(QKV["module_ids"], offsets, widths, x.device)
+    cfg = step_config(batch, 3, pool.shape[1], x.shape[1], x.dtype, x.device)
+    return lora_calls(x, y, pool, batch, group, max(widths), cfg)
