@@ -34,6 +34,10 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 32
 
 
 class DecodeGraphs:
+    # stage() writes per-row LoRA tables (LoraBatch.rows_are_adapters); a subclass that fills
+    # the buffers another way says whether its tables are per row.
+    row_tables = True
+
     def __init__(self, runner: ModelRunner, max_batch: int, max_rank: int, scratch_pages: tuple[int, int],
                  num_pages: int):
         self.runner = runner
@@ -80,7 +84,7 @@ class DecodeGraphs:
             lora = LoraBatch(seg_starts=self.seg_starts[: b + 1], seg_adapter=self.seg_adapter[:b],
                              ranks=self.lora_ints[0], scales=self.scales, a_starts=self.lora_ints[1],
                              b_starts=self.lora_ints[2], page_ids=self.page_ids, max_rank=rank, max_seg_len=1,
-                             modules=modules, rows_are_adapters=True)
+                             modules=modules, rows_are_adapters=self.row_tables)
         return StepInputs(prefill=False, input_ids=self.input_ids[:b], positions=self.positions[:b],
                           k_pages=self.k_pages[:b], v_pages=self.v_pages[:b], last_rows=self.last_rows[:b],
                           seq_bounds=[], kv_table=self.kv_table[:b], seq_lens=self.seq_lens[:b], lora=lora)

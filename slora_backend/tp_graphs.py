@@ -36,6 +36,8 @@ class TPDecodeGraphs(DecodeGraphs):
     """DecodeGraphs whose graphs hold the tensor-parallel layers (collectives included) and
     whose static buffers are filled on the device from a broadcast StepInputs."""
 
+    row_tables = False  # run_inputs copies the step's per-adapter tables as they come
+
     def covers(self, inp: StepInputs) -> bool:
         return (not inp.prefill and inp.input_ids.shape[0] <= self.sizes[-1]
                 and inp.kv_table.shape[1] <= self.kv_table.shape[1]

@@ -112,6 +112,7 @@ def test_static_decode_buffers_match_hf_peft(setup, backend):
         for i, outs in enumerate(run_batch(engine, jobs)):
             assert tokens_of(outs) == refs[i], f"request {i} adapter {names[i]}"
         assert engine.graphs.bucket(7) == 8 and engine.graphs.bucket(9) == 12 and engine.graphs.bucket(13) is None
+        assert engine.graphs._inputs(1, 8, 1).lora.rows_are_adapters  # stage() writes per-row tables
     finally:
         engine.shutdown()
 

@@ -337,6 +337,8 @@ def test_two_processes_give_the_tokens_of_one(setup, static_decode, monkeypatch)
             assert tokens_of(outs) == want[i], f"request {i} adapter {jobs[i]['adapter']}"
         assert engine.steps < len(jobs) * NEW_TOKENS  # adapters and base requests shared steps
         assert (engine.runner.tp_graphs is not None) == static_decode
+        if static_decode:  # its buffers hold per-adapter tables: the kernels must not read them per row
+            assert not engine.runner.tp_graphs._inputs(1, 8, 1).lora.rows_are_adapters
         assert engine.pool_tensor.shape[-1] * 2 == engine.spec.page_width  # rank 0 holds half of each page
     finally:
         engine.shutdown()
