@@ -15,6 +15,7 @@ import argparse
 import http.client
 import json
 import logging
+import multiprocessing
 import sys
 import tempfile
 import threading
@@ -66,9 +67,11 @@ def stream_one(port: int, body: dict, timing: RequestTiming, start: float, timeo
         conn.close()
 
 
-def replay_http(port: int, trace, timeout: float) -> list[RequestTiming]:
+def replay_http(port: int, trace, timeout: float, start: float | None = None) -> list[RequestTiming]:
+    """Send `trace` (arrival times relative to `start`, a time.monotonic() value: now by
+    default), one thread per request; the timings of each."""
     timings = [RequestTiming(arrival=r.arrival) for r in trace]
-    start = time.monotonic()
+    start = time.monotonic() if start is None else start
     threads = []
     for i, r in enumerate(trace):
         delay = r.arrival - (time.monotonic() - start)
@@ -86,6 +89,49 @@ def replay_http(port: int, trace, timeout: float) -> list[RequestTiming]:
     return timings
 
 
+def print_run(kind: str, results: dict) -> None:
+    stats, r = results[f"{kind}_engine_stats"], results[kind]
+    print(f"{kind:>9} engine: steps {stats.get('steps')} step_time {stats.get('step_time')} "
+          f"host_s {stats.get('host_s')} gpu_wait_s {stats.get('gpu_wait_s')}")
+    print(f"{kind:>9}: {r['throughput_req_s']:.2f} req/s {r['throughput_tok_s']:.0f} tok/s "
+          f"lat {r['latency_avg']:.2f}s ftl {r['first_token_avg']:.2f}s finished {r['finished']}/{r['requests']} "
+          f"errors {r['errors']}")
+
+
+def engine_stats(port: int) -> dict:
+    """The served engine's Engine.stats() (the `command=stats` probe): its step times and host
+    time, to set beside the in-process engine's."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("POST", "/v2/models/slora/generate", json.dumps({"command": "stats"}),
+                     {"Content-Type": "application/json"})
+        return json.loads(json.loads(conn.getresponse().read())["text_output"])
+    except Exception as e:  # a benchmark records failures instead of stopping
+        return {"error": repr(e)}
+    finally:
+        conn.close()
+
+
+def _replay_shard(job) -> list[RequestTiming]:
+    return replay_http(*job)
+
+
+def replay_http_procs(port: int, trace, timeout: float, procs: int) -> list[RequestTiming]:
+    """replay_http from `procs` client processes, request i from process i % procs, all on
+    one clock (time.monotonic() is system-wide). One Python process parsing every streamed
+    token of a saturated server is itself a bottleneck (the GIL): the client must not be what
+    is measured."""
+    if procs <= 1:
+        return replay_http(port, trace, timeout)
+    start = time.monotonic() + 2.0  # the workers' start-up is not part of the trace
+    with multiprocessing.get_context("fork").Pool(procs) as pool:
+        parts = pool.map(_replay_shard, [(port, trace[i::procs], timeout, start) for i in range(procs)])
+    timings: list = [None] * len(trace)
+    for i, part in enumerate(parts):
+        timings[i::procs] = part
+    return timings
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="dummy:llama-7b")
@@ -95,6 +141,11 @@ def main() -> int:
     ap.add_argument("--rate", type=float, default=8.0)
     ap.add_argument("--duration", type=float, default=30.0)
     ap.add_argument("--max-len", type=int, default=512)
+    ap.add_argument("--client-procs", type=int, default=4, help="client processes sending the trace")
+    ap.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
+                    help="environment of tritonserver (model.py's benchmark knobs); repeatable")
+    ap.add_argument("--no-inprocess", action="store_true", help="the server run only (A/B of server settings)")
+    ap.add_argument("--label", default="", help="suffix of the result file's name")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -110,13 +161,21 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     repo = write_model_repository(work / "repo", engine_params)
-    with TritonServer(repo, out / "server_bench_server.log", start_timeout=900) as server:
+    server_env = dict(kv.split("=", 1) for kv in args.server_env)
+    with TritonServer(repo, out / f"server_bench_server{args.label}.log", env=server_env,
+                      start_timeout=900) as server:
         log.info("server up on http :%d; sending %d requests", server.http_port, len(trace))
-        timings = replay_http(server.http_port, trace, timeout=args.duration * 6 + 120)
+        timings = replay_http_procs(server.http_port, trace, args.duration * 6 + 120, args.client_procs)
         results["server"] = summarize(timings).as_dict()
+        results["server_engine_stats"] = engine_stats(server.http_port)
         results["server_metrics_excerpt"] = [ln for ln in server.metrics().splitlines()
                                              if ln.startswith(("slora_pool_pages", "nv_gpu_utilization"))][:8]
     log.info("server: %s", {k: results["server"][k] for k in ("throughput_req_s", "finished", "errors")})
+
+    if args.no_inprocess:
+        (out / f"server_only{args.label}.json").write_text(json.dumps(results, indent=2))
+        print_run("server", results)
+        return 0
 
     import torch
 
@@ -133,16 +192,14 @@ def main() -> int:
     engine = Engine(cfg)
     timings = replay(engine, trace, drop_adapters=False, deadline=args.duration * 6)
     results["inprocess"] = summarize(timings).as_dict()
+    results["inprocess_engine_stats"] = engine.stats()
     engine.shutdown()
     results["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     results["server_over_inprocess"] = (results["server"]["throughput_req_s"]
                                         / results["inprocess"]["throughput_req_s"])
-    (out / "server_vs_inprocess.json").write_text(json.dumps(results, indent=2))
+    (out / f"server_vs_inprocess{args.label}.json").write_text(json.dumps(results, indent=2))
     for k in ("server", "inprocess"):
-        r = results[k]
-        print(f"{k:>9}: {r['throughput_req_s']:.2f} req/s {r['throughput_tok_s']:.0f} tok/s "
-              f"lat {r['latency_avg']:.2f}s "
-              f"ftl {r['first_token_avg']:.2f}s finished {r['finished']}/{r['requests']} errors {r['errors']}")
+        print_run(k, results)
     print(f"server/in-process: {results['server_over_inprocess']:.3f}")
     return 0
 

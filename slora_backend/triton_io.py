@@ -19,7 +19,7 @@ import math
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -350,6 +350,34 @@ def output_arrays(text: str, token_ids: list[int],
         reason = finish_reason.value if isinstance(finish_reason, FinishReason) else finish_reason
         out["finish_reason"] = np.array([[reason.encode("utf-8")]], dtype=np.object_)
     return out
+
+
+def coalesce_outputs(items: list[tuple[Any, RequestOutput]]) -> list[tuple[Any, RequestOutput]]:
+    """The (request key, piece) pairs queued for sending, with each request's consecutive
+    pieces merged into one: text and token ids joined, the last piece's flags and counts.
+
+    Why. The response thread sends one response per piece, and each send is a round trip to
+    the Triton core. When the engine produces pieces faster than they can be sent (a full
+    batch streaming one token per step each), the queue grows and every token arrives later
+    and later. Merging what has piled up makes one send per request per drain, so the sender
+    keeps up at any load; when it keeps up anyway, nothing is merged (one piece per request
+    per step). A piece is never merged across a finished piece, and an error piece stays
+    alone, so that the tokens before it are still sent."""
+    merged: list[list] = []  # [key, piece], in first-seen order
+    open_slot: dict[int, list] = {}  # id(key) -> its slot still taking pieces
+    for key, piece in items:
+        slot = open_slot.get(id(key))
+        if slot is None or piece.error is not None:
+            slot = [key, piece]
+            merged.append(slot)
+        else:
+            prev = slot[1]
+            slot[1] = replace(piece, text=prev.text + piece.text, token_ids=prev.token_ids + piece.token_ids)
+        if piece.finished:
+            open_slot.pop(id(key), None)
+        else:
+            open_slot[id(key)] = slot
+    return [(key, piece) for key, piece in merged]
 
 
 @dataclass

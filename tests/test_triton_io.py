@@ -142,6 +142,39 @@ def test_completion_accumulates_pieces():
     assert arrays["text_output"][0, 0] == b"abc" and arrays["token_ids"].tolist() == [[5, 6, 7]]
 
 
+def test_coalesce_merges_each_requests_queued_pieces():
+    a, b = object(), object()
+
+    def piece(rid, text, ids, **kw):
+        return RequestOutput(request_id=rid, text=text, token_ids=ids, **kw)
+
+    items = [(a, piece(1, "he", [5])), (b, piece(2, "x", [7])), (a, piece(1, "llo", [6, 9], generated_tokens=3)),
+             (b, piece(2, "y", [8], finished=True, finish_reason=FinishReason.LENGTH, generated_tokens=2)),
+             (a, piece(1, "!", [4], finished=True, finish_reason=FinishReason.STOP, generated_tokens=4))]
+    got = triton_io.coalesce_outputs(items)
+    assert [key for key, _ in got] == [a, b]  # one response per request, in first-seen order
+    first, second = got[0][1], got[1][1]
+    assert (first.text, first.token_ids, first.finished, first.finish_reason, first.generated_tokens) == (
+        "hello!", [5, 6, 9, 4], True, FinishReason.STOP, 4)
+    assert (second.text, second.token_ids, second.finished, second.finish_reason) == (
+        "xy", [7, 8], True, FinishReason.LENGTH)
+    # Nothing to merge: the pieces come back as they were.
+    single = [(a, piece(1, "a", [1])), (b, piece(2, "b", [2]))]
+    assert triton_io.coalesce_outputs(single) == single
+
+
+def test_coalesce_keeps_finished_and_error_pieces_apart():
+    a = object()
+    items = [(a, RequestOutput(request_id=1, text="ok", token_ids=[3])),
+             (a, RequestOutput(request_id=1, text="", token_ids=[], finished=True, error="engine failed"))]
+    got = triton_io.coalesce_outputs(items)
+    # The tokens before an error are still sent, then the error on its own.
+    assert [(o.token_ids, o.error) for _, o in got] == [([3], None), ([], "engine failed")]
+    done = RequestOutput(request_id=1, text="z", token_ids=[2], finished=True)
+    late = RequestOutput(request_id=1, text="?", token_ids=[9])
+    assert [o for _, o in triton_io.coalesce_outputs([(a, done), (a, late)])] == [done, late]
+
+
 def test_adapter_labels_are_bounded():
     labels = triton_io.AdapterLabels(limit=2)
     assert labels(None) == labels("") == triton_io.BASE_LABEL

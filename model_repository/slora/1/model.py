@@ -49,6 +49,16 @@ from slora_backend.request import FinishReason, RequestError, RequestOutput  # n
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 CANCEL_POLL_S = 0.2  # how often live requests are checked for client cancellation
 STATS_POLL_S = 0.5  # how often engine.stats() refreshes the gauges
+MAX_DRAIN = 4096  # pieces taken from the queue at once (triton_io.coalesce_outputs)
+# The engine thread releases the GIL at every torch call and must get it back at once. With
+# Python's default 5 ms switch interval, a busy response thread (hundreds of sends per step)
+# kept it each time for up to 5 ms: a saturated server's engine spent twice the in-process
+# host time per step (BENCHMARKS.md, item 24: 0.84 of in-process throughput; 0.99 at 0.5 ms).
+GIL_SWITCH_S = 0.0005
+# Benchmark knobs (benchmarks/server_bench.py --server-env), read at initialize:
+#   SLORA_GIL_SWITCH_MS       overrides GIL_SWITCH_S, in ms
+#   SLORA_STREAM_INTERVAL_MS  the response thread's least time between two drains of the queue
+#                             (default 0: drain as soon as pieces arrive)
 LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
 
 
@@ -106,6 +116,7 @@ class _Metrics:
         self.f_compiles = fam("slora_kernel_compiles_total", "Triton kernels compiled while serving "
                               "(after start-up)", fam.COUNTER)
         self._labels = triton_io.AdapterLabels()
+        self._pending_tokens: dict[str, int] = {}
         self._per_adapter: dict[str, tuple] = {}
         self._lock = threading.Lock()  # execute() and the response thread both create metrics
         self.pages = {use: self.f_pages.Metric(labels={"use": use})
@@ -145,7 +156,18 @@ class _Metrics:
                 self._per_adapter[label] = m
             return m
 
+    def add_tokens(self, label: str, n: int) -> None:
+        """Count streamed tokens; the counters move at the next flush_tokens (every update):
+        each increment is a message to the server process, too dear to make per token."""
+        self._pending_tokens[label] = self._pending_tokens.get(label, 0) + n
+
+    def flush_tokens(self) -> None:
+        pending, self._pending_tokens = self._pending_tokens, {}
+        for label, n in pending.items():
+            self.adapter(label)[1].increment(n)
+
     def update(self, stats: dict) -> None:
+        self.flush_tokens()
         pool, adapters, requests = stats["pool"], stats["adapters"], stats["requests"]
         self.pages["free"].set(pool["pages_free"])
         self.pages["kv"].set(pool["pages_kv"])
@@ -215,6 +237,9 @@ class TritonPythonModel:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._live: dict[int, _Live] = {}  # id(_Live) -> state, for cancellation and shutdown
         self._live_lock = threading.Lock()
+        switch = os.environ.get("SLORA_GIL_SWITCH_MS")
+        sys.setswitchinterval(float(switch) / 1e3 if switch else GIL_SWITCH_S)
+        self._stream_interval = float(os.environ.get("SLORA_STREAM_INTERVAL_MS", "0")) / 1e3
         self._thread = threading.Thread(target=self._respond_loop, name="slora-responses",
                                         daemon=True)
         self._thread.start()
@@ -314,18 +339,26 @@ class TritonPythonModel:
             self.log.log_warn(f"slora: could not send an error response: {e!r}")
 
     def _respond_loop(self) -> None:
-        next_cancel_check = next_stats = 0.0
+        next_cancel_check = next_stats = drained = 0.0
         while True:
+            if self._stream_interval:
+                time.sleep(max(0.0, drained + self._stream_interval - time.monotonic()))
             try:
-                item = self._queue.get(timeout=CANCEL_POLL_S)
+                items = [self._queue.get(timeout=CANCEL_POLL_S)]
+                drained = time.monotonic()
             except queue.Empty:
-                item = ()
-            if item is None:
+                items = []
+            while items and items[-1] is not None and len(items) < MAX_DRAIN:
+                try:  # everything queued so far: merged per request, one send each
+                    items.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            stop = bool(items) and items[-1] is None
+            self._deliver_all(items[:-1] if stop else items)
+            if stop:
                 self._drain()
                 return
             try:
-                if item:
-                    self._deliver(*item)
                 now = time.monotonic()
                 if now >= next_cancel_check:
                     next_cancel_check = now + CANCEL_POLL_S
@@ -363,26 +396,32 @@ class TritonPythonModel:
             self.log.log_warn(f"slora: could not unload the model ({e}); it stays not serving")
 
     def _drain(self) -> None:
+        items = []
         while True:
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
-                return
+                break
             if item:
-                try:
-                    self._deliver(*item)
-                except Exception as e:
-                    self.log.log_error(f"slora: response thread: {e!r}")
+                items.append(item)
+        self._deliver_all(items)
+        self.metrics.flush_tokens()
+
+    def _deliver_all(self, items: list) -> None:
+        for live, out in triton_io.coalesce_outputs(items):
+            try:
+                self._deliver(live, out)
+            except Exception as e:  # the response thread must survive anything
+                self.log.log_error(f"slora: response thread: {e!r}")
 
     def _deliver(self, live: _Live, out: RequestOutput) -> None:
         if live.done:
             return
-        _, tokens, _, ttft = self.metrics.adapter(live.label)
         if out.token_ids:
-            tokens.increment(len(out.token_ids))
+            self.metrics.add_tokens(live.label, len(out.token_ids))
             if not live.first_token:
                 live.first_token = True
-                ttft.observe(time.monotonic() - live.arrival)
+                self.metrics.adapter(live.label)[3].observe(time.monotonic() - live.arrival)
         if out.finished:
             live.done = True
             with self._live_lock:
