@@ -120,6 +120,31 @@ def time_step(engine: Engine, reqs: list[Request], iters: int, graph: bool) -> d
             "forward_launch_s": statistics.median(launch), "sample_and_sync_s": statistics.median(samp)}
 
 
+def profile_step(engine: Engine, reqs: list[Request], steps: int = 5) -> dict:
+    """GPU time by kernel name over `steps` graph replays (torch.profiler, CUPTI), per step:
+    where a decode step's time goes. Kernels on the side stream overlap others, so the sum
+    may exceed the step's wall time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step = ScheduledStep(prefill=False, requests=reqs)
+    staged = engine.graphs.stage(step, engine.adapters)
+    engine.graphs.replay(*staged)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.graphs.replay(*staged)
+        torch.cuda.synchronize()
+    by_name: dict[str, list[float]] = {}
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA and ev.device_time > 0:
+            entry = by_name.setdefault(ev.name[:90], [0.0, 0])
+            entry[0] += ev.device_time / 1e6 / steps  # us -> s, per step
+            entry[1] += 1 / steps
+    rows = sorted(({"kernel": k, "s_per_step": v[0], "calls_per_step": v[1]} for k, v in by_name.items()),
+                  key=lambda r: -r["s_per_step"])
+    return {"kernels": rows, "sum_s": sum(r["s_per_step"] for r in rows)}
+
+
 def _sync(engine: Engine) -> None:
     if engine.device.type == "cuda":
         torch.cuda.synchronize()
@@ -170,8 +195,10 @@ def main() -> int:
     ap.add_argument("--no-lora-beside", action="store_true",
                     help="LoRA shrinks after the base GEMMs on one stream (EngineConfig.lora_beside_gemm=false)")
     ap.add_argument("--prefill-len", type=int, default=256, help="newcomer prompt for the mixed-step rows; 0: none")
+    ap.add_argument("--profile", default="", help="batch sizes whose graph step is also profiled by kernel")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
+    profiled = {int(b) for b in args.profile.split(",") if b}
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     bw = copy_bandwidth()
     batches = [int(b) for b in args.batch.split(",")]
@@ -186,7 +213,7 @@ def main() -> int:
     weight_bytes = sum(t.numel() * t.element_size() for lw in engine.runner.w.layers
                        for t in (lw.qkv, lw.o, lw.gate_up, lw.down, lw.input_norm, lw.post_norm))
     weight_bytes += engine.runner.w.lm_head.numel() * elt
-    rows = []
+    rows, profiles = [], []
     for b in batches:
         kv_bytes = b * args.ctx * 2 * s.layers * s.page_width * elt
         for label, names in (("base", [None] * b), ("lora", [f"a{i}" for i in range(b)])):
@@ -194,6 +221,13 @@ def main() -> int:
                 reqs = make_requests(engine, b, args.ctx, names)
                 adapter_bytes = sum(engine.adapters.host[n].nbytes for n in set(names) if n is not None)
                 t = time_step(engine, reqs, args.iters, graph)
+                if graph and b in profiled:
+                    prof = profile_step(engine, reqs)
+                    profiles.append(dict(batch=b, mode=label.split("/")[0], forward_gpu_s=t["forward_gpu_s"], **prof))
+                    log.info("B=%3d %s kernels by GPU time per step (sum %.2f ms):\n%s", b, label.split("/")[0],
+                             1e3 * prof["sum_s"],
+                             "\n".join(f"  {1e6 * r['s_per_step']:9.1f} us {r['calls_per_step']:6.1f}x {r['kernel']}"
+                                       for r in prof["kernels"][:25]))
                 release(engine, reqs)
                 label = f"{label.split('/')[0]}/{'graph' if graph else 'eager'}"
                 floor = (weight_bytes + kv_bytes + adapter_bytes) / bw
@@ -219,6 +253,8 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = {"device": torch.cuda.get_device_name(), "copy_bandwidth_Bps": bw, "model": args.model, "rows": rows}
+    if profiles:
+        report["profiles"] = profiles
     (out / "decode_step.json").write_text(json.dumps(report, indent=2))
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s")
     for r in rows:

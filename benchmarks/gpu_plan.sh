@@ -37,6 +37,10 @@
 #                                                 #   step and the kernel table with the best of them and without (~5 min)
 #   OUT=... bash benchmarks/gpu_plan.sh beside    # h200: bf16 parity, the decode step with LoRA shrinks beside the
 #                                                 #   base GEMMs and without, S2 n=1000 / ceiling at 60 req/s (~8 min)
+#   OUT=... bash benchmarks/gpu_plan.sh server    # h200 (carry .gpu_carry): the real tritonserver against the in-process
+#                                                 #   engine on one trace at a saturating 60 req/s, S2 n=100 (~4 min)
+#   OUT=... bash benchmarks/gpu_plan.sh profile   # h200: the decode step at B=64 and 128, and its GPU time by
+#                                                 #   kernel (torch.profiler over graph replays, ~2 min)
 #   OUT=... bash benchmarks/gpu_plan.sh final     # h200: the kernel table, the decode step against its floor, S2
 #                                                 #   n=1000 and the ceiling at a saturating 60 req/s (~8 min)
 #
@@ -48,9 +52,9 @@
 # In every serving JSON check extra.kernel_compiles == 0 first (kernels/launch.py), then
 # extra.prefill_ms_per_step / decode_ms_per_step: where the time went.
 set -uo pipefail
-usage() { sed -n '2,35p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,/^[^#]/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
 part="${1:-}"
-case "$part" in serving|s1|kernels|gmv|tp|tp1|tp4|tpsplit|fence|eager|s1fence|gather|gather8|onepage|kregs|pdl|final|small|beside) ;; *) usage; exit 2 ;; esac
+case "$part" in serving|s1|kernels|gmv|tp|tp1|tp4|tpsplit|fence|eager|s1fence|gather|gather8|onepage|kregs|pdl|final|small|beside|profile|server) ;; *) usage; exit 2 ;; esac
 : "${OUT:?set OUT to the folder for the results}"
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
@@ -151,6 +155,16 @@ case "$part" in
       --no-lora-beside --out "$OUT/one_stream"
     step 200 slora_s2_r60 python3 benchmarks/slora_bench.py --setting S2 --n 1000 --rate 60 --duration 10 \
       --suffix _r60 --out "$OUT"
+    ;;
+  server)
+    # needs tritonserver and a numpy < 2 Python: carry .gpu_carry (see gpu_server_setup.sh)
+    bash benchmarks/gpu_server_setup.sh "${CARRY:-.gpu_carry}" || exit 1
+    SLORA_PYTRITON_SITE=/tmp/ts step 400 server_bench /tmp/venv/bin/python benchmarks/server_bench.py --setting S2 \
+      --n 100 --rate 60 --duration 10 --out "$OUT"
+    ;;
+  profile)
+    step 150 decode_step python3 benchmarks/decode_step.py --batch 64,128 --ctx 512 --prefill-len 0 \
+      --profile 64,128 --out "$OUT"
     ;;
   final)
     step 120 kernel_bench python3 benchmarks/kernel_bench.py --out "$OUT"

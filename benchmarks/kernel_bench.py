@@ -493,8 +493,10 @@ def _case(key):
         if key == "prefill":
             _, seg_lens, ranks = PREFILL
         else:
-            b = int(key.split("-")[1])
-            seg_lens, ranks = [1] * b, [S2[i % 4] for i in range(b)]
+            parts = key.split("-")  # decode-B (S2 ranks in turn) or decode-B-rR (all rank R)
+            b = int(parts[1])
+            seg_lens = [1] * b
+            ranks = [int(parts[2][1:])] * b if len(parts) > 2 else [S2[i % 4] for i in range(b)]
         _CASES[key] = LoraCase(seg_lens, ranks)
     return _CASES[key]
 
