@@ -199,6 +199,14 @@ def _group_of(module_ids, out_offsets, y_width: int, device) -> tuple[torch.Tens
     return _group_table(module_ids, out_offsets, widths, device), max(widths)
 
 
+def _check_inputs(x, y, pool_layer, module_ids, out_offsets) -> None:
+    """What the kernels assume of their tensors (they index with row strides only)."""
+    assert pool_layer.stride() == (pool_layer.shape[1], 1), "pool_layer must have contiguous pages"
+    assert x.stride(1) == 1 and y.stride(1) == 1, "x and y need unit column stride"
+    assert x.dtype == pool_layer.dtype, "x and the pool must share the model dtype"
+    assert x.shape[0] == y.shape[0] and len(module_ids) == len(out_offsets)
+
+
 def lora_apply(x, y, pool_layer, batch, module_ids, out_offsets):
     """y[:, off_i : off_i + out_i] += scale * (x A_i^T) B_i^T per segment; y updated in place.
 
@@ -209,11 +217,8 @@ def lora_apply(x, y, pool_layer, batch, module_ids, out_offsets):
     """
     if x.shape[0] == 0:
         return y
+    _check_inputs(x, y, pool_layer, module_ids, out_offsets)
     page_width = pool_layer.shape[1]
-    assert pool_layer.stride() == (page_width, 1), "pool_layer must have contiguous pages"
-    assert x.stride(1) == 1 and y.stride(1) == 1, "x and y need unit column stride"
-    assert x.dtype == pool_layer.dtype, "x and the pool must share the model dtype"
-    assert x.shape[0] == y.shape[0] and len(module_ids) == len(out_offsets)
     group, max_width = _group_of(module_ids, out_offsets, y.shape[1], x.device)
     for part_x, part_y, part in lora_parts(x, y, batch):
         cfg = step_config(part, len(module_ids), page_width, x.shape[1], x.dtype, x.device)
@@ -235,8 +240,8 @@ def lora_linear(x, weight, pool_layer, batch, module_ids, out_offsets, side=None
     if not parts or any(step_config(part, len(module_ids), pool_layer.shape[1], x.shape[1], x.dtype,
                                     x.device).fused for _, _, part in parts):
         return lora_apply(x, torch.nn.functional.linear(x, weight), pool_layer, batch, module_ids, out_offsets)
+    _check_inputs(x, x, pool_layer, module_ids, out_offsets)  # y is the GEMM's fresh output
     page_width = pool_layer.shape[1]
-    assert pool_layer.stride() == (page_width, 1) and x.stride(1) == 1 and x.dtype == pool_layer.dtype
     group, max_width = _group_of(module_ids, out_offsets, y_width, x.device)
     plan = []
     for part_x, _, part in parts:

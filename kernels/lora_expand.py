@@ -11,6 +11,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_wait
 
 from .launch import KernelCall, cdiv, group_mods, jit_options
+from .lora_shrink import segment_rows
 
 
 def _lora_expand(
@@ -46,11 +47,9 @@ def _lora_expand(
         row0 = seg
         row_end = seg + 1
     else:
-        adapter = tl.load(seg_adapter_ptr + seg)
+        adapter, row0, row_end = segment_rows(seg_starts_ptr, seg_adapter_ptr, pid0, m_blocks, BLOCK_M)
         if adapter < 0:
             return
-        row0 = tl.load(seg_starts_ptr + seg) + (pid0 % m_blocks) * BLOCK_M
-        row_end = tl.load(seg_starts_ptr + seg + 1)
         if row0 >= row_end:
             return
     if ROW_TABLES:

@@ -43,6 +43,7 @@ import triton.language as tl
 
 from .launch import cdiv
 from .lora_expand import _expand_block
+from .lora_shrink import segment_rows
 
 
 @triton.jit
@@ -72,12 +73,9 @@ def _lora_fused_kernel(
     n_split = pid % n_splits
     slot = (pid // n_splits) % NMOD
     row_prog = pid // (n_splits * NMOD)
-    seg = row_prog // m_blocks
-    adapter = tl.load(seg_adapter_ptr + seg)
+    adapter, row, row_end = segment_rows(seg_starts_ptr, seg_adapter_ptr, row_prog, m_blocks, 1)
     if adapter < 0:
         return
-    row = tl.load(seg_starts_ptr + seg) + row_prog % m_blocks
-    row_end = tl.load(seg_starts_ptr + seg + 1)
     if row >= row_end:
         return
     module = tl.load(group_ptr + slot * 3)

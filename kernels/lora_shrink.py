@@ -20,6 +20,18 @@ from .launch import KernelCall, cdiv, group_mods, jit_options
 _STEP_ARGS = jit_options("a_starts_ptr", "num_adapters", "R_MAX", "m_blocks", "r_blocks", "split_stride")
 
 
+@triton.jit
+def segment_rows(seg_starts_ptr, seg_adapter_ptr, row_prog, m_blocks, BLOCK_M: tl.constexpr):
+    """(adapter, first row, end row) of row block `row_prog` (segment row_prog // m_blocks):
+    the three segment-table loads of every LoRA kernel, issued together. The caller returns
+    early for a base-model segment (adapter < 0) or a block past its segment's end."""
+    seg = row_prog // m_blocks
+    adapter = tl.load(seg_adapter_ptr + seg)
+    row0 = tl.load(seg_starts_ptr + seg) + (row_prog % m_blocks) * BLOCK_M
+    row_end = tl.load(seg_starts_ptr + seg + 1)
+    return adapter, row0, row_end
+
+
 @triton.jit(**_STEP_ARGS)
 def _lora_shrink_kernel(
     x_ptr, x_stride,          # (T, K) model dtype, unit column stride
@@ -47,13 +59,10 @@ def _lora_shrink_kernel(
     pid0 = tl.program_id(0)
     pid1 = tl.program_id(1)
     k_split = tl.program_id(2)
-    seg = pid0 // m_blocks
     slot = pid1 // r_blocks
-    adapter = tl.load(seg_adapter_ptr + seg)
+    adapter, row0, row_end = segment_rows(seg_starts_ptr, seg_adapter_ptr, pid0, m_blocks, BLOCK_M)
     if adapter < 0:
         return
-    row0 = tl.load(seg_starts_ptr + seg) + (pid0 % m_blocks) * BLOCK_M
-    row_end = tl.load(seg_starts_ptr + seg + 1)
     if row0 >= row_end:
         return
     module = tl.load(group_ptr + slot * 3)
@@ -193,11 +202,10 @@ def _lora_shrink_gmv(
         adapter = seg
         row = seg
     else:
-        adapter = tl.load(seg_adapter_ptr + seg)
+        adapter, row, row_end = segment_rows(seg_starts_ptr, seg_adapter_ptr, pid0, m_blocks, 1)
         if adapter < 0:
             return
-        row = tl.load(seg_starts_ptr + seg) + pid0 % m_blocks
-        if row >= tl.load(seg_starts_ptr + seg + 1):
+        if row >= row_end:
             return
     if ROW_TABLES:
         module = (MODS >> (3 * slot)) & 7  # the group's module ids, packed: no table load
