@@ -53,7 +53,7 @@ MAX_DRAIN = 4096  # pieces taken from the queue at once (triton_io.coalesce_outp
 # The engine thread releases the GIL at every torch call and must get it back at once. With
 # Python's default 5 ms switch interval, a busy response thread (hundreds of sends per step)
 # kept it each time for up to 5 ms: a saturated server's engine spent twice the in-process
-# host time per step (BENCHMARKS.md, item 24: 0.84 of in-process throughput; 0.99 at 0.5 ms).
+# host time per step (BENCHMARKS.md, item 25: 0.84 of in-process throughput; 0.99 at 0.5 ms).
 GIL_SWITCH_S = 0.0005
 # Benchmark knobs (benchmarks/server_bench.py --server-env), read at initialize:
 #   SLORA_GIL_SWITCH_MS       overrides GIL_SWITCH_S, in ms
@@ -421,7 +421,8 @@ class TritonPythonModel:
             self.metrics.add_tokens(live.label, len(out.token_ids))
             if not live.first_token:
                 live.first_token = True
-                self.metrics.adapter(live.label)[3].observe(time.monotonic() - live.arrival)
+                _, _, _, ttft = self.metrics.adapter(live.label)
+                ttft.observe(time.monotonic() - live.arrival)
         if out.finished:
             live.done = True
             with self._live_lock:
