@@ -3,10 +3,12 @@
     python benchmarks/server_bench.py --model dummy:llama-7b --setting S2 --n 100 --rate 8 --duration 30
 
 The server runs this repository's model (dummy weights, `dummy_adapters` registered at
-start) on free loopback ports; requests go over HTTP `generate_stream` (server-sent events,
-one thread per request, stdlib only so it runs on the bare GPU image). Then the server is
-stopped and the in-process engine replays the identical trace. Writes
-`<out>/server_vs_inprocess.json` with both reports and their throughput ratio.
+start) on free loopback ports; requests go over gRPC streaming (tritonclient, one stream per
+client process carrying its requests by request id; the default) or HTTP `generate_stream`
+(server-sent events, one thread per request, standard library only: the GPU image has no
+tritonclient), from --client-procs processes. Then the server is stopped and the in-process
+engine replays the identical trace. Writes `<out>/server_vs_inprocess.json` with both reports,
+both engines' stats and their throughput ratio.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from server_utils import MODEL_NAME as MODEL  # noqa: E402
 from server_utils import TritonServer, write_model_repository  # noqa: E402
 
 from benchmarks.slora_bench import SETTINGS, replay  # noqa: E402
@@ -112,20 +115,79 @@ def engine_stats(port: int) -> dict:
         conn.close()
 
 
+def replay_grpc(url: str, trace, timeout: float, start: float | None = None) -> list[RequestTiming]:
+    """Send `trace` over one gRPC stream (tritonclient), as the issue's harness asks: request i
+    has request id i, each response is matched to its request by that id."""
+    import tritonclient.grpc as grpcclient
+
+    from client.triton_client import build_grpc_inputs
+
+    timings = [RequestTiming(arrival=r.arrival) for r in trace]
+    start = time.monotonic() if start is None else start
+    done = threading.Semaphore(0)
+    errors: list[str] = []
+
+    def on_response(result, error) -> None:
+        now = time.monotonic() - start
+        if error is not None:  # tritonclient does not say which request an error belongs to
+            errors.append(str(error))
+            done.release()
+            return
+        response = result.get_response()
+        t = timings[int(response.id)]
+        if any(o.name == "token_ids" for o in response.outputs):
+            n = result.as_numpy("token_ids").size
+            if n and t.first_token is None:
+                t.first_token = now - t.arrival
+            t.output_tokens += n
+        params = response.parameters
+        if "triton_final_response" in params and params["triton_final_response"].bool_param:
+            t.latency = now - t.arrival
+            done.release()
+
+    client = grpcclient.InferenceServerClient(url)
+    client.start_stream(callback=on_response)
+    try:
+        for i, r in enumerate(trace):
+            delay = r.arrival - (time.monotonic() - start)
+            if delay > 0:
+                time.sleep(delay)
+            timings[i].arrival = time.monotonic() - start
+            values = {"input_ids": r.prompt_ids, "max_tokens": r.output_len, "ignore_eos": True}
+            if r.adapter is not None:
+                values["adapter_id"] = r.adapter
+            client.async_stream_infer(MODEL, build_grpc_inputs(batch_dim=True, **values), request_id=str(i),
+                                      enable_empty_final_response=True)
+        deadline = time.monotonic() + timeout
+        for _ in trace:
+            if not done.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                break
+    finally:
+        client.stop_stream(cancel_requests=True)
+        client.close()
+    for t in timings:
+        if t.latency is None and t.error is None:
+            t.error = errors.pop() if errors else "no final response"
+    return timings
+
+
 def _replay_shard(job) -> list[RequestTiming]:
-    return replay_http(*job)
+    protocol, address, shard, timeout, start = job
+    replay = replay_grpc if protocol == "grpc" else replay_http
+    return replay(address, shard, timeout, start)
 
 
-def replay_http_procs(port: int, trace, timeout: float, procs: int) -> list[RequestTiming]:
-    """replay_http from `procs` client processes, request i from process i % procs, all on
-    one clock (time.monotonic() is system-wide). One Python process parsing every streamed
-    token of a saturated server is itself a bottleneck (the GIL): the client must not be what
-    is measured."""
+def replay_procs(protocol: str, address, trace, timeout: float, procs: int) -> list[RequestTiming]:
+    """The trace from `procs` client processes, request i from process i % procs, all on one
+    clock (time.monotonic() is system-wide). One Python process parsing every streamed token
+    of a saturated server is itself a bottleneck (the GIL): the client must not be what is
+    measured."""
     if procs <= 1:
-        return replay_http(port, trace, timeout)
+        return _replay_shard((protocol, address, trace, timeout, None))
     start = time.monotonic() + 2.0  # the workers' start-up is not part of the trace
     with multiprocessing.get_context("fork").Pool(procs) as pool:
-        parts = pool.map(_replay_shard, [(port, trace[i::procs], timeout, start) for i in range(procs)])
+        parts = pool.map(_replay_shard, [(protocol, address, trace[i::procs], timeout, start)
+                                         for i in range(procs)])
     timings: list = [None] * len(trace)
     for i, part in enumerate(parts):
         timings[i::procs] = part
@@ -142,6 +204,9 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=30.0)
     ap.add_argument("--max-len", type=int, default=512)
     ap.add_argument("--client-procs", type=int, default=4, help="client processes sending the trace")
+    ap.add_argument("--protocol", choices=("grpc", "http"), default="grpc",
+                    help="gRPC streaming (tritonclient) or HTTP generate_stream (standard library only: "
+                         "for a machine without tritonclient, such as the GPU image)")
     ap.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
                     help="environment of tritonserver (model.py's benchmark knobs); repeatable")
     ap.add_argument("--no-inprocess", action="store_true", help="the server run only (A/B of server settings)")
@@ -165,7 +230,8 @@ def main() -> int:
     with TritonServer(repo, out / f"server_bench_server{args.label}.log", env=server_env,
                       start_timeout=900) as server:
         log.info("server up on http :%d; sending %d requests", server.http_port, len(trace))
-        timings = replay_http_procs(server.http_port, trace, args.duration * 6 + 120, args.client_procs)
+        address = server.grpc_url if args.protocol == "grpc" else server.http_port
+        timings = replay_procs(args.protocol, address, trace, args.duration * 6 + 120, args.client_procs)
         results["server"] = summarize(timings).as_dict()
         results["server_engine_stats"] = engine_stats(server.http_port)
         results["server_metrics_excerpt"] = [ln for ln in server.metrics().splitlines()
