@@ -70,20 +70,27 @@ def stream_one(port: int, body: dict, timing: RequestTiming, start: float, timeo
         conn.close()
 
 
+def _on_time(trace, timings: list[RequestTiming], start: float):
+    """(index, request inputs) of each trace request at its arrival time (sleeping until
+    then), its actual send time recorded in timings."""
+    for i, r in enumerate(trace):
+        delay = r.arrival - (time.monotonic() - start)
+        if delay > 0:
+            time.sleep(delay)
+        timings[i].arrival = time.monotonic() - start
+        values = {"input_ids": r.prompt_ids, "max_tokens": r.output_len, "ignore_eos": True}
+        if r.adapter is not None:
+            values["adapter_id"] = r.adapter
+        yield i, values
+
+
 def replay_http(port: int, trace, timeout: float, start: float | None = None) -> list[RequestTiming]:
     """Send `trace` (arrival times relative to `start`, a time.monotonic() value: now by
     default), one thread per request; the timings of each."""
     timings = [RequestTiming(arrival=r.arrival) for r in trace]
     start = time.monotonic() if start is None else start
     threads = []
-    for i, r in enumerate(trace):
-        delay = r.arrival - (time.monotonic() - start)
-        if delay > 0:
-            time.sleep(delay)
-        timings[i].arrival = time.monotonic() - start
-        body = {"input_ids": r.prompt_ids, "max_tokens": r.output_len, "ignore_eos": True}
-        if r.adapter is not None:
-            body["adapter_id"] = r.adapter
+    for i, body in _on_time(trace, timings, start):
         t = threading.Thread(target=stream_one, args=(port, body, timings[i], start, timeout), daemon=True)
         t.start()
         threads.append(t)
@@ -148,14 +155,7 @@ def replay_grpc(url: str, trace, timeout: float, start: float | None = None) -> 
     client = grpcclient.InferenceServerClient(url)
     client.start_stream(callback=on_response)
     try:
-        for i, r in enumerate(trace):
-            delay = r.arrival - (time.monotonic() - start)
-            if delay > 0:
-                time.sleep(delay)
-            timings[i].arrival = time.monotonic() - start
-            values = {"input_ids": r.prompt_ids, "max_tokens": r.output_len, "ignore_eos": True}
-            if r.adapter is not None:
-                values["adapter_id"] = r.adapter
+        for i, values in _on_time(trace, timings, start):
             client.async_stream_infer(MODEL, build_grpc_inputs(batch_dim=True, **values), request_id=str(i),
                                       enable_empty_final_response=True)
         deadline = time.monotonic() + timeout
