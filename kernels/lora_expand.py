@@ -11,7 +11,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_wait
 
 from .launch import KernelCall, cdiv, group_mods, jit_options
-from .lora_shrink import segment_rows
+from .lora_shrink import segment_rows, slot_module
 
 
 def _lora_expand(
@@ -48,14 +48,9 @@ def _lora_expand(
         row_end = seg + 1
     else:
         adapter, row0, row_end = segment_rows(seg_starts_ptr, seg_adapter_ptr, pid0, m_blocks, BLOCK_M)
-        if adapter < 0:
+        if (adapter < 0) | (row0 >= row_end):  # a base-model segment, or past its end
             return
-        if row0 >= row_end:
-            return
-    if ROW_TABLES:
-        module = (MODS >> (3 * slot)) & 7  # the group's module ids, packed: no table load
-    else:
-        module = tl.load(group_ptr + slot * 3)
+    module = slot_module(group_ptr, slot, MODS, ROW_TABLES)
     out_off = tl.load(group_ptr + slot * 3 + 1)
     width = tl.load(group_ptr + slot * 3 + 2)
     # Every table load ahead of the branches, so none waits for another's value.

@@ -74,9 +74,7 @@ def _lora_fused_kernel(
     slot = (pid // n_splits) % NMOD
     row_prog = pid // (n_splits * NMOD)
     adapter, row, row_end = segment_rows(seg_starts_ptr, seg_adapter_ptr, row_prog, m_blocks, 1)
-    if adapter < 0:
-        return
-    if row >= row_end:
+    if (adapter < 0) | (row >= row_end):  # a base-model segment, or past its end
         return
     module = tl.load(group_ptr + slot * 3)
     out_off = tl.load(group_ptr + slot * 3 + 1)

@@ -32,6 +32,17 @@ def segment_rows(seg_starts_ptr, seg_adapter_ptr, row_prog, m_blocks, BLOCK_M: t
     return adapter, row0, row_end
 
 
+@triton.jit
+def slot_module(group_ptr, slot, MODS: tl.constexpr, ROW_TABLES: tl.constexpr):
+    """The module id of group slot `slot`: with per-row tables (decode graphs) unpacked from
+    the constant MODS (3 bits a slot), so no table load; else read from the group table."""
+    if ROW_TABLES:
+        module = (MODS >> (3 * slot)) & 7
+    else:
+        module = tl.load(group_ptr + slot * 3)
+    return module
+
+
 @triton.jit(**_STEP_ARGS)
 def _lora_shrink_kernel(
     x_ptr, x_stride,          # (T, K) model dtype, unit column stride
@@ -61,9 +72,7 @@ def _lora_shrink_kernel(
     k_split = tl.program_id(2)
     slot = pid1 // r_blocks
     adapter, row0, row_end = segment_rows(seg_starts_ptr, seg_adapter_ptr, pid0, m_blocks, BLOCK_M)
-    if adapter < 0:
-        return
-    if row0 >= row_end:
+    if (adapter < 0) | (row0 >= row_end):  # a base-model segment, or past its end
         return
     module = tl.load(group_ptr + slot * 3)
     rank = tl.load(ranks_ptr + module * num_adapters + adapter)
@@ -203,14 +212,9 @@ def _lora_shrink_gmv(
         row = seg
     else:
         adapter, row, row_end = segment_rows(seg_starts_ptr, seg_adapter_ptr, pid0, m_blocks, 1)
-        if adapter < 0:
+        if (adapter < 0) | (row >= row_end):  # a base-model segment, or past its end
             return
-        if row >= row_end:
-            return
-    if ROW_TABLES:
-        module = (MODS >> (3 * slot)) & 7  # the group's module ids, packed: no table load
-    else:
-        module = tl.load(group_ptr + slot * 3)
+    module = slot_module(group_ptr, slot, MODS, ROW_TABLES)
     # Both loads ahead of the branch on the rank: a_start then does not wait for it.
     rank = tl.load(ranks_ptr + module * num_adapters + adapter)
     a_start = tl.load(a_starts_ptr + module * num_adapters + adapter)
